@@ -1,0 +1,1 @@
+"""jax-bcd-distributed: sharded multi-host training of Equinox models with block coordinate descent."""
