@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .bcd import union
 from .mesh import BATCH_AXES
+from .optim import current_learning_rate
 from .sharding import batch_spec
 from .state import TrainState
 
@@ -120,14 +121,8 @@ def _cast(tree: Any, dtype: str | None) -> Any:
 
 def _find_learning_rate(opt_state: Any) -> jax.Array | None:
     """The learning rate an `optax.inject_hyperparams` state carries, if any."""
-    for node in jax.tree.leaves(
-        opt_state, is_leaf=lambda x: isinstance(x, optax.InjectHyperparamsState)
-    ):
-        if isinstance(node, optax.InjectHyperparamsState):
-            lr = node.hyperparams.get("learning_rate")
-            if lr is not None:
-                return jnp.asarray(lr, jnp.float32)
-    return None
+    lr = current_learning_rate(opt_state)
+    return None if lr is None else jnp.asarray(lr, jnp.float32)
 
 
 def _microbatches(batch: Any, n: int) -> Any:

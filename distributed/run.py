@@ -1,0 +1,298 @@
+"""One training run from a `TrainConfig`: the wiring behind ``python -m distributed.train``.
+
+Setup (config, runtime, mesh, data, checkpoints) runs first; any bad input found there ends the
+run with exit code 2 and one line, before anything that looks like a result is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from . import bcd
+from .config import TrainConfig, from_dict, result_fields
+from .signals import PREEMPTED_EXIT_CODE, StopRequest
+
+log = logging.getLogger("distributed")
+USAGE = 2
+
+
+class SetupError(Exception):
+    """Bad input found before training: reported as one line with exit code 2."""
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _check_workdir(cfg: TrainConfig, is_main: bool) -> Path:
+    workdir = Path(cfg.workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise SetupError(f"--workdir={cfg.workdir} exists and is not a folder; choose another.")
+    cfg_path = workdir / "config.json"
+    if cfg_path.exists() and not cfg.force and not cfg.restart_from_scratch:
+        try:
+            old = from_dict(json.loads(cfg_path.read_text()))
+        except (ValueError, TypeError) as e:
+            raise SetupError(f"{cfg_path} is not a valid config ({e}); use another --workdir or "
+                             f"pass --force to overwrite it.") from None
+        diff = {k: (v, result_fields(cfg)[k]) for k, v in result_fields(old).items()
+                if result_fields(cfg).get(k) != v}
+        if diff:
+            k, (was, now) = next(iter(diff.items()))
+            raise SetupError(
+                f"--workdir={cfg.workdir} holds a different run (--{k} was {was!r}, now "
+                f"{now!r}{' and more' if len(diff) > 1 else ''}); use a new --workdir, or "
+                f"--force to reuse it."
+            )
+    return workdir
+
+
+def run(cfg: TrainConfig) -> int:
+    """Run training; returns the process exit code."""
+    try:
+        setup = _setup(cfg)
+    except SetupError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return USAGE
+    return _train(cfg, setup)
+
+
+def _setup(cfg: TrainConfig) -> dict[str, Any]:
+    from .checkpoint import CheckpointManager
+    from .data import DataError, check_batch_size
+    from .mesh import make_mesh
+    from .runtime import CoordinatorError, check_devices, initialize
+    from .tasks import make_task
+
+    try:
+        info = initialize(cfg.coordinator_address or None, cfg.num_processes or None,
+                          cfg.process_id if cfg.process_id >= 0 else None,
+                          timeout_s=cfg.init_timeout_s)
+    except (ValueError, CoordinatorError) as e:
+        raise SetupError(str(e)) from None
+    log.info(info.log_line())
+    is_main = info.process_index == 0
+    workdir = _check_workdir(cfg, is_main)
+    try:
+        mesh = make_mesh(cfg.mesh)
+        check_devices(mesh)
+    except (ValueError, RuntimeError) as e:
+        raise SetupError(f"--mesh={cfg.mesh}: {e}") from None
+    log.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
+    try:
+        task = make_task(cfg)
+        n_train = len(next(iter(task.train.values())))
+        check_batch_size(cfg.batch_size, num_examples=n_train,
+                         process_count=jax.process_count(), mesh=mesh)
+    except (DataError, ValueError) as e:
+        raise SetupError(str(e)) from None
+    ckpt_dir = workdir / "checkpoints"
+    if cfg.restart_from_scratch and is_main and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+    _sync("restart")
+    manager = CheckpointManager(ckpt_dir, max_to_keep=cfg.max_to_keep,
+                                async_save=cfg.async_checkpoint)
+    resume = manager.latest_step() is not None
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_json(workdir / "config.json", cfg.to_dict())
+    return dict(info=info, mesh=mesh, task=task, manager=manager, resume=resume,
+                workdir=workdir, is_main=is_main, n_train=n_train)
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _train(cfg: TrainConfig, s: dict[str, Any]) -> int:
+    from .checkpoint import CheckpointError
+    from .data import DevicePrefetcher, make_dataset, steps_per_epoch
+    from .fingerprint import params_sha256
+    from .goodput import Ledger
+    from .loop import run_loop
+    from .metrics import JsonlWriter
+    from .recovery import RecoveryPolicy, TrainingDiverged
+    from .sharding import batch_sharding
+    from .state import init_state
+    from .step import StepOptions, TrainStep, make_eval_step
+
+    t0 = time.perf_counter()
+    mesh, task, manager, workdir = s["mesh"], s["task"], s["manager"], s["workdir"]
+    ledger = Ledger(samples_per_step=cfg.batch_size)
+    state, shardings = init_state(task.model_fn, task.optimizers, task.blocks_fn,
+                                  key=jax.random.key(cfg.seed), mesh=mesh, strategy=cfg.sharding)
+    blocks = task.blocks_fn(state.model)
+    options = StepOptions(grad_accum=cfg.grad_accum, clip_norm=None, has_aux=True,
+                          compute_dtype=None if cfg.compute_dtype == "float32"
+                          else cfg.compute_dtype, skip_nonfinite=cfg.skip_nonfinite,
+                          impl=cfg.step_impl)
+    step = TrainStep(task.loss_fn, task.optimizers, blocks, mesh=mesh,
+                     state_shardings=shardings, options=options)
+    evaluate = make_eval_step(task.eval_fn, mesh=mesh, model_shardings=shardings.model)
+    initial_report = task.report_fn(state.model) if s["is_main"] or True else {}
+
+    spe = steps_per_epoch(s["n_train"], cfg.batch_size)
+    plan = task.plan
+    total_epochs = sum(p.epochs for p in plan)
+    ds = make_dataset(task.train, global_batch_size=cfg.batch_size, seed=cfg.seed,
+                      num_epochs=None)
+    data_it = DevicePrefetcher(iter(ds), mesh, size=2)
+    val_ds = make_dataset(task.val, global_batch_size=min(cfg.batch_size, _val_batch(task, cfg)),
+                          seed=cfg.seed, shuffle=False, num_epochs=1)
+    val_batches = lambda: DevicePrefetcher(iter(val_ds), mesh, size=2)
+    bsh = batch_sharding(mesh)
+    phase_state = {"phase": None}
+
+    def train_step_fn(state, batch, key):
+        del key
+        host_step = phase_state.get("step")
+        if host_step is None:
+            host_step = int(jax.device_get(state.step))
+            phase_state["phase"] = int(jax.device_get(state.phase))
+        p = bcd.phase_at(plan, host_step, spe)
+        if p != phase_state["phase"]:
+            state = _enter_phase(state, plan, phase_state["phase"], p, shardings)
+            phase_state["phase"] = p
+            log.info("phase %d/%d: %s (blocks %s) from step %d", p + 1, len(plan), plan[p].name,
+                     ",".join(plan[p].blocks), host_step)
+        extras = task.batch_extras(host_step // spe)
+        if extras:
+            n = cfg.batch_size
+            batch = dict(batch, **{k: jax.device_put(np.full((n,), v, np.float32), bsh)
+                                   for k, v in extras.items()})
+        phase_state["step"] = host_step + 1
+        return step(state, batch, plan[p].blocks)
+
+    def val_step_fn(state, batch, key):
+        return state, evaluate(state.model, batch)
+
+    def metadata_fn(state, at_step, last):
+        p = bcd.phase_at(plan, at_step, spe)
+        return {"schema": 1, "step": at_step, "epoch": at_step // spe, "phase": plan[p].name,
+                "phase_index": p, "train_loss": last.get("train_loss"),
+                "val_loss": last.get("val_loss"), "config": cfg.to_dict(),
+                "arch": _arch(state.model)}
+
+    writer = _PhaseWriter(JsonlWriter(workdir / "metrics.jsonl"), plan, spe) \
+        if s["is_main"] else None
+    stop = StopRequest().install()
+    policy = None
+    if cfg.explosion_factor:
+        policy = RecoveryPolicy(explosion_factor=cfg.explosion_factor,
+                                max_retries=cfg.max_retries, lr_reduction=cfg.lr_reduction)
+    max_steps = cfg.max_steps
+    code = 0
+    try:
+        state, result = run_loop(
+            state, train_step_fn, data_iterator=data_it, num_epochs=total_epochs,
+            num_batches=spe, checkpoint_manager=manager, checkpoint_every=0,
+            checkpoint_every_steps=cfg.checkpoint_every, metadata_fn=metadata_fn,
+            resume=s["resume"], val_step_fn=val_step_fn, val_data_iterator=val_batches,
+            show_progress=cfg.progress, log_every=cfg.log_every, writer=writer,
+            max_steps=max_steps, recovery=policy, stop=stop, ledger=ledger,
+        )
+    except CheckpointError as e:
+        if writer:
+            writer.close()
+        print(f"error: {e} Pass --restart_from_scratch to start over.", file=sys.stderr,
+              flush=True)
+        return USAGE
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        stop.uninstall()
+        manager.close()
+        ledger.close()
+    if writer:
+        writer.close()
+    if result.stopped_by == "preempted":
+        log.warning("preempted: checkpoint at step %d committed; exiting with code %d",
+                    result.final_step, PREEMPTED_EXIT_CODE)
+        code = PREEMPTED_EXIT_CODE
+    report = task.report_fn(state.model)
+    sha = params_sha256(state.model)
+    if s["is_main"]:
+        hist = result.history
+        summary = {
+            "final_step": result.final_step,
+            "final_train_loss": hist.get("train_loss", [None])[-1],
+            "final_val_loss": hist.get("val_loss", [None])[-1],
+            "params_sha256": sha,
+            "resumed_from_step": result.resumed_from_step,
+            "stopped_by": result.stopped_by,
+            "samples_per_sec": result.last_metrics.get("samples_per_sec"),
+            "wall_s": round(time.perf_counter() - t0, 3),
+            "nonfinite_skipped": int(jax.device_get(state.nonfinite_count)),
+            "process_count": jax.process_count(),
+            "device_count": jax.device_count(),
+            "mesh": dict(mesh.shape),
+            **report,
+            **{f"initial_{k}": v for k, v in initial_report.items()},
+            "goodput": ledger.summary(),
+        }
+        if code != PREEMPTED_EXIT_CODE:
+            _atomic_write_json(workdir / "summary.json", summary)
+        log.info("done: step %d, train loss %s, val loss %s%s", result.final_step,
+                 summary["final_train_loss"], summary["final_val_loss"],
+                 "".join(f", {k} {v:.4g}" for k, v in report.items()))
+    return code
+
+
+def _val_batch(task, cfg) -> int:
+    n = len(next(iter(task.val.values())))
+    shards = jax.device_count()
+    return max(shards, (n // shards) * shards) if n >= shards else shards
+
+
+def _arch(model) -> dict | None:
+    fn = getattr(model, "arch", None)
+    return fn() if callable(fn) else None
+
+
+def _enter_phase(state, plan, previous, current, shardings):
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from .sharding import shard
+
+    prev = -1 if previous is None else previous
+    model = bcd.enter_phase(state.model, plan, prev, current)
+    if model is not state.model:
+        model = shard(model, shardings.model)
+    phase = jax.device_put(jnp.asarray(current, jnp.int32), state.phase.sharding)
+    return dataclasses.replace(state, model=model, phase=phase)
+
+
+class _PhaseWriter:
+    """Adds the BCD phase name and a single ``lr`` to every metrics.jsonl record."""
+
+    def __init__(self, writer, plan, spe):
+        self.writer, self.plan, self.spe = writer, plan, spe
+
+    def write(self, step: int, metrics: dict) -> None:
+        p = bcd.phase_at(self.plan, max(step - 1, 0), self.spe)
+        rec = {"phase": self.plan[p].name, **metrics}
+        lrs = [v for k, v in metrics.items() if k.startswith("lr_")]
+        if lrs and "lr" not in rec:
+            rec["lr"] = lrs[0]
+        self.writer.write(step, rec)
+
+    def close(self) -> None:
+        self.writer.close()
