@@ -93,11 +93,14 @@ def _setup(cfg: TrainConfig) -> dict[str, Any]:
     log.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
     try:
         task = make_task(cfg)
-        n_train = len(next(iter(task.train.values())))
+    except (DataError, ValueError) as e:
+        raise SetupError(str(e)) from None
+    n_train = len(next(iter(task.train.values())))
+    try:
         check_batch_size(cfg.batch_size, num_examples=n_train,
                          process_count=jax.process_count(), mesh=mesh)
     except (DataError, ValueError) as e:
-        raise SetupError(str(e)) from None
+        raise SetupError(f"--batch_size={cfg.batch_size}: {e}") from None
     ckpt_dir = workdir / "checkpoints"
     if cfg.restart_from_scratch and is_main and ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)

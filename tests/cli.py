@@ -1,0 +1,45 @@
+"""Run the command line in a subprocess (fresh jax, its own simulated devices)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli_env(extra=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+    env.update({"JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)})
+    env.update(extra or {})
+    return env
+
+
+def run_cli(*args, timeout=600, env=None, module="distributed.train"):
+    cmd = [sys.executable, "-m", module, *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env=cli_env(env), cwd=ROOT)
+
+
+def summary(workdir):
+    return json.loads((Path(workdir) / "summary.json").read_text())
+
+
+def metrics(workdir):
+    lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def step_losses(workdir):
+    return {r["step"]: r["loss"] for r in metrics(workdir) if "loss" in r}
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    err_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(err_lines) == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for n in needles:
+        assert n in err_lines[0], (n, err_lines[0])
+    return err_lines[0]
