@@ -11,6 +11,7 @@ mesh: these are plain functions of the model's structure and of the step counter
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -156,10 +157,11 @@ def make_phase_plan(
     epochs = {(PARAM,): epochs_param, (NONPARAM,): epochs_nonparam}
     epochs[(PARAM, NONPARAM)] = epochs_complete
     for blocks, n in epochs.items():
-        if not isinstance(n, int) or n < 0:
+        if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 0:
             raise ValueError(
                 f"epochs for the {_PHASE_NAMES[blocks]} phase must be an integer >= 0, got {n!r}."
             )
+        epochs[blocks] = int(n)
     plan = []
     for i, blocks in enumerate(CYCLES[cycle]):
         first_param = first_run and i == 0 and blocks == (PARAM,)

@@ -53,6 +53,8 @@ def parse_mesh_axes(axes: str | Mapping[str, int]) -> dict[str, int]:
                     f"mesh entry {item!r} is not of the form axis:size; write e.g. "
                     f"'data:-1,fsdp:2,tensor:1'."
                 )
+            if name in parsed:
+                raise ValueError(f"mesh axis {name!r} is given twice in {axes!r}.")
             try:
                 parsed[name] = int(size)
             except ValueError:
@@ -60,8 +62,6 @@ def parse_mesh_axes(axes: str | Mapping[str, int]) -> dict[str, int]:
                     f"mesh axis {name!r} has size {size.strip()!r}, which is not an integer; "
                     f"use a positive integer or -1 (the remaining devices)."
                 ) from None
-            if list(parsed).count(name) > 1:
-                raise ValueError(f"mesh axis {name!r} is given twice in {axes!r}.")
         axes = parsed
     else:
         axes = dict(axes)

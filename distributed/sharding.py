@@ -54,7 +54,8 @@ DEFAULT_TENSOR_RULES: tuple[Rule, ...] = (
     (r"\.wo$", (None, "heads", None, None)),  # (layers, heads, head_dim, d_model)
     (r"\.w_in$", (None, None, "mlp")),  # (layers, d_model, d_ff)
     (r"\.w_out$", (None, "mlp", None)),  # (layers, d_ff, d_model)
-    (r"\.(embed|embedding|unembed)$", ("vocab", None)),  # (vocab, d_model)
+    (r"\.(embed|embedding)$", ("vocab", None)),  # (vocab, d_model)
+    (r"\.unembed$", (None, "vocab")),  # (d_model, vocab): logits come out split over vocab
     *_mlp_rules(),
 )
 
