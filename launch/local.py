@@ -20,7 +20,8 @@ to all children (each runs in its own process group; a second SIGINT/SIGTERM kil
 child fails (non-zero exit or killed by a signal) the others get SIGTERM, then SIGKILL after
 ``--grace`` seconds, and this launcher exits with the first failure's code (128+signal for a
 signal). ``--timeout`` (seconds, 0 = none) bounds the whole run: exit code 124. Exit 0 only when
-every child exits 0. Pure standard library: no jax here.
+every child exits 0. ``--print_pids`` logs ``[local] process <i> pid <pid>`` for each child (to
+signal or kill one of them). Pure standard library: no jax here.
 """
 
 from __future__ import annotations
@@ -73,8 +74,10 @@ class Launcher:
         port: int,
         grace: float,
         timeout: float,
+        print_pids: bool = False,
     ):
         self.command = command
+        self.print_pids = print_pids
         self.n = processes
         self.devices = devices
         self.port = port or free_port()
@@ -118,6 +121,8 @@ class Launcher:
                 start_new_session=True,
             )
             self.procs.append(p)
+            if self.print_pids:
+                self.log(f"process {i} pid {p.pid}")
             t = threading.Thread(target=self._pump, args=(i, p.stdout), daemon=True)
             t.start()
             self.readers.append(t)
@@ -191,7 +196,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         prog="launch/local.py",
         description="Run N wired processes of a command, M simulated CPU devices each.",
         usage="%(prog)s --processes=N --devices_per_process=M [--port=0] [--grace=10] "
-        "[--timeout=0] -- COMMAND...",
+        "[--timeout=0] [--print_pids] -- COMMAND...",
     )
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--devices_per_process", type=int, default=1)
@@ -208,6 +213,11 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         default=0.0,
         help="wall-clock limit for the whole run in seconds (0 = none); exit 124",
     )
+    p.add_argument(
+        "--print_pids",
+        action="store_true",
+        help="log '[local] process <i> pid <pid>' for every child once started",
+    )
     args = p.parse_args(own)
     if not command:
         p.error("missing the command to run after '--'")
@@ -219,7 +229,13 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     args, command = parse(sys.argv[1:] if argv is None else argv)
     launcher = Launcher(
-        command, args.processes, args.devices_per_process, args.port, args.grace, args.timeout
+        command,
+        args.processes,
+        args.devices_per_process,
+        args.port,
+        args.grace,
+        args.timeout,
+        print_pids=args.print_pids,
     )
     return launcher.run()
 

@@ -1,6 +1,7 @@
 """Launchers: launch/local.py (real multi-process jax), launch/tpu_pod.sh (dry run), and
 launch/slurm.sbatch on a real one-node SLURM cluster (tests/slurm_cluster.sh)."""
 
+import json
 import os
 import re
 import shlex
@@ -289,13 +290,13 @@ def slurm():
 
 
 def slurm_env(slurm, **extra):
-    env = clean_env(
-        **slurm,
+    values = dict(
         PYTHON=sys.executable,
         DISTRIBUTED_CPU_DEVICES_PER_TASK=2,
         DISTRIBUTED_ENTRYPOINT=ALLGATHER,
-        **extra,
+        PYTHONPATH=ROOT,
     )
+    env = clean_env(**slurm, **{**values, **extra})
     env.pop("WORKDIR", None)
     return env
 
@@ -309,11 +310,11 @@ SBATCH_CPU = [
 ]
 
 
-def submit(slurm, tmp_path, *args) -> str:
+def submit(slurm, tmp_path, *args, **env) -> str:
     r = subprocess.run(
         ["sbatch", "--parsable", *SBATCH_CPU, f"--output={tmp_path}/job-%j.out", *args],
         cwd=tmp_path,
-        env=slurm_env(slurm),
+        env=slurm_env(slurm, **env),
         capture_output=True,
         text=True,
         timeout=60,
@@ -369,6 +370,64 @@ def test_slurm_sbatch_two_tasks(slurm, tmp_path):
         "allgather-p0.json",
         "allgather-p1.json",
     ]
+
+
+# The real command line: 4 steps per epoch x 3 BCD phases, 2 simulated devices per task.
+TINY_TRAIN = [
+    "--n_train=128",
+    "--n_val=32",
+    "--n_test=32",
+    "--batch_size=32",
+    "--epochs_param=1",
+    "--epochs_nonparam=1",
+    "--epochs_complete=1",
+    "--log_every=1",
+    "--progress=log",
+]
+
+
+@pytest.mark.slow
+def test_slurm_sbatch_trains_with_the_cli(slurm, tmp_path):
+    """launch/slurm.sbatch runs `python -m distributed.train` in 2 srun tasks that join one
+    jax.distributed run (auto-detected SLURM), train, and write the outputs once."""
+    t0 = time.monotonic()
+    job = submit(
+        slurm,
+        tmp_path,
+        "--job-name=train",
+        "--time=15",
+        SBATCH_SCRIPT,
+        *TINY_TRAIN,
+        DISTRIBUTED_ENTRYPOINT="distributed.train",
+    )
+    state, code = wait_job(slurm, job, 900)
+    print(f"sbatch training job (submit to end): {time.monotonic() - t0:.1f} s")
+    out_file = tmp_path / f"job-{job}.out"
+    out = out_file.read_text() if out_file.exists() else "<no output file>"
+    assert (state, code) == ("COMPLETED", "0:0"), out
+    # The job state is not proof that the job ran: check what the tasks printed.
+    for i in (0, 1):
+        pat = (
+            rf"^{i}: .*\[distributed\] process {i}/2 platform=cpu local_devices=2 "
+            r"global_devices=4 .*via=slurm$"
+        )
+        assert re.search(pat, out, flags=re.M), out
+    done = re.findall(r"^(\d+): .* done: step (\d+),", out, flags=re.M)
+    assert done == [("0", "12")], out
+    assert "[slurm.sbatch] done" in out
+    # the default workdir: $SLURM_SUBMIT_DIR/runs/$SLURM_JOB_NAME, written by process 0 only
+    wd = tmp_path / "runs" / "train"
+    assert sorted(p.name for p in wd.iterdir()) == [
+        "checkpoints",
+        "config.json",
+        "metrics.jsonl",
+        "summary.json",
+    ]
+    s = json.loads((wd / "summary.json").read_text())
+    assert (s["process_count"], s["device_count"], s["final_step"]) == (2, 4, 12), s
+    recs = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "loss" in r] == list(range(1, 13))
+    assert [r["step"] for r in recs if "val_loss" in r] == [4, 8, 12]
 
 
 def _wait_for(pred, what: str, timeout: float, out_file: Path):
