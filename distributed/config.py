@@ -66,7 +66,8 @@ class TrainConfig:
     scheduler_T0: int = _f(50, "cosine_warm_restarts: first period in steps (then x2).")
     weight_decay: float = _f(0.0, "Weight decay (decoupled for adamw).")
     grad_clip_norm: float = _f(0.0, "Clip gradients to this global norm (0: off).")
-    l2_param: float = _f(1e-5, "PSF: L2 penalty on the OPD maps.")
+    l2_param: float = _f(1e-9, "PSF: L2 penalty on the OPD maps (the PSF data term is ~1e-5 "
+                         "per pixel: keep this small).")
     l1_rate: float = _f(0.0, "PSF: Lp (p=1.1) penalty on alpha_mat, halved every 10 epochs.")
     grad_accum: int = _f(1, "Micro-batches per step (gradient accumulation).")
     compute_dtype: str = _f("float32", f"Forward/backward dtype: one of {COMPUTE_DTYPES}.")
@@ -95,7 +96,8 @@ class TrainConfig:
 
     # Fields that do not change the training result (may differ when resuming a workdir).
     RUNTIME_FIELDS = (
-        "host_devices", "coordinator_address", "num_processes", "process_id", "init_timeout_s",
+        "workdir",  # a run folder may be moved or copied and still resume
+        "workdir", "host_devices", "coordinator_address", "num_processes", "process_id", "init_timeout_s",
         "max_steps", "restart_from_scratch", "force", "log_every", "progress", "watchdog_s",
         "async_checkpoint", "mesh", "sharding", "step_impl", "checkpoint_every", "max_to_keep",
     )
