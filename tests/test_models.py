@@ -211,8 +211,9 @@ def test_both_blocks_beat_parametric_only():
     full = _fit(param.set_alpha_identity(), only_nonparam, *batch, f32(1e-2))
     complete = evaluate_psf(full, data["test"])
     assert param_only["psf_rmse"] < 0.5 * start["psf_rmse"]
-    assert complete["psf_rmse"] < 0.7 * param_only["psf_rmse"]
-    assert complete["opd_rmse"] < param_only["opd_rmse"]
+    # Measured (CPU): PSF RMSE 3.4e-4 -> 1.1e-4, OPD RMSE 15.7 nm -> 9.0 nm.
+    assert complete["psf_rmse"] < 0.5 * param_only["psf_rmse"]
+    assert complete["opd_rmse"] < 0.8 * param_only["opd_rmse"]
 
 
 # ----------------------------------------------------------------------------- MLP
@@ -302,6 +303,16 @@ def test_arch_round_trip(getkey, name):
     assert jax.tree.structure(rebuilt) == jax.tree.structure(model)
     shapes = lambda m: [(x.shape, x.dtype) for x in jax.tree.leaves(m)]  # noqa: E731
     assert shapes(rebuilt) == shapes(model)
+
+
+@pytest.mark.parametrize(
+    "arch", [{"name": "psf"}, {"name": "mlp", "in_size": 3, "out_size": 1, "width_size": 8,
+                               "depth": 1}, {"name": "transformer", **SMALL_LM}])
+def test_build_model_traces_for_sharded_init(arch):
+    """`build_model` runs under `eval_shape` / `jit` (abstract state, init with out_shardings)."""
+    abstract = eqx.filter_eval_shape(lambda k: build_model(arch, key=k), jax.random.key(0))
+    leaves = jax.tree.leaves(abstract)
+    assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
 
 
 def test_build_model_errors(getkey):

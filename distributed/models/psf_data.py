@@ -8,8 +8,9 @@ Stars sit uniformly over the field, each with a random 3-bin SED. The true OPD (
   a few localized Gaussian bumps, all quadratic in position — only `S_mat`/`alpha_mat` can
   represent these, so both BCD blocks are needed.
 
-Observations are the polychromatic PSFs (computed here with a plain numpy `fft2`, float64, so the
-data are bit-identical on every platform and process) plus Gaussian noise, whose level varies per
+Observations are the polychromatic PSFs (computed here with a plain numpy `fft2` in float64, so
+the data do not depend on the JAX backend or device count and are identical in every process)
+plus Gaussian noise, whose level varies per
 star, and "hot" bad pixels flagged in `masks` (0 = good, 1 = bad, excluded from masked losses).
 """
 
@@ -63,7 +64,11 @@ def _true_opd(xy_norm: np.ndarray, rng: np.random.Generator, cfg: dict, param_rm
 
 
 def psf_numpy(opd: np.ndarray, seds: np.ndarray, cfg: dict) -> np.ndarray:
-    """Reference polychromatic PSFs: full zero-padded `fft2`, shifted and cropped (float64)."""
+    """Reference polychromatic PSFs: full zero-padded `fft2`, shifted and cropped (float64).
+
+    `cfg` holds optics options (`STAR_FIELD_DEFAULTS` fills the missing ones).
+    """
+    cfg = {**STAR_FIELD_DEFAULTS, **cfg}
     pupil = pupil_mask(cfg["n_pupil"], cfg["obscuration"], cfg["spiders"], cfg["spider_width"])
     p, n = cfg["pad_factor"] * cfg["n_pupil"], cfg["n_pix"]
     start = p // 2 - n // 2
@@ -185,7 +190,8 @@ def evaluate_psf(model, split: dict[str, np.ndarray], batch_size: int = 256) -> 
     The OPD error is measured over the pupil after removing its mean (piston does not change a
     PSF and cannot be learned), and up to the "twin image" ambiguity of phase retrieval: an OPD
     `W(r)` and its twin `-W(-r)` give the same PSFs through a centro-symmetric pupil, so training
-    may converge to either; the smaller of the two errors over the whole split is reported.
+    may converge to either; the smaller of the two errors over the whole split is reported (with
+    the default asymmetric pupil the direct one normally is the smaller).
 
     Args:
         model: a `PSFFieldModel` (or any model with `__call__(positions, seds)`, `opd`, `pupil`).
