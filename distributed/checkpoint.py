@@ -166,6 +166,42 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
 
 
+class _DataHandler(grain_ckpt.CheckpointHandler):
+    """Grain's handler (`data/process_<i>-of-<n>.json`), restorable by another process count.
+
+    When this process's file is missing (the step was written by a different number of
+    processes) and every saved file holds the same state -- as `distributed.data` iterators do:
+    their position is the global batch count -- that state is restored on every process.
+    """
+
+    def restore(self, directory, item=None, args=None):
+        item = item or args.item
+        own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if own.exists():
+            return super().restore(directory, item=item)
+        files = sorted(directory.glob("process_*-of-*.json"))
+        texts = [f.read_text() for f in files]
+        import grain
+
+        is_dataset = isinstance(item, grain.DatasetIterator)  # else a DataLoader's bytes state
+        states = [json.loads(t) if is_dataset else t.encode() for t in texts]
+        if not states or any(s != states[0] for s in states):
+            raise ValueError(
+                f"File {own} does not exist, and the data-iterator states saved by "
+                f"{len(files)} process(es) differ, so they cannot be shared out."
+            )
+        logger.info("data iterator: restoring %s (saved by %d processes)", files[0].name,
+                    len(files))
+        item.set_state(states[0])
+        if hasattr(item, "start_prefetch"):
+            item.start_prefetch()
+        return item
+
+    @classmethod
+    def typestr(cls):
+        return grain_ckpt.CheckpointHandler.typestr()
+
+
 def _best_fn(name: str, mode: str) -> Callable[[dict], float]:
     worst = math.inf if mode == "min" else -math.inf
 
@@ -247,7 +283,7 @@ class CheckpointManager:
         # Explicit handlers: without them a fresh manager cannot read the items' metadata.
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
         state_handler, json_handler = ocp.StandardCheckpointHandler(), ocp.JsonCheckpointHandler()
-        data_handler = grain_ckpt.CheckpointHandler()
+        data_handler = _DataHandler()
         registry.add("state", ocp.args.StandardSave, state_handler)
         registry.add("state", ocp.args.StandardRestore, state_handler)
         registry.add("metadata", ocp.args.JsonSave, json_handler)
@@ -416,7 +452,7 @@ class CheckpointManager:
             if _is_array(leaf)
         }
         data_before = None if data_iterator is None else data_iterator.get_state()
-        failures = []
+        failures, failed = [], []
         for s in candidates:
             try:
                 result, error = self._restore_step(s, abstract_state, target, data_iterator), None
@@ -425,6 +461,8 @@ class CheckpointManager:
             except Exception as e:  # noqa: BLE001 - failing to read a step means "corrupt"
                 result, error = None, e
             if _all_processes_ok(error is None):
+                if failed:
+                    self._set_aside(failed)
                 return result
             reason = "it failed on another process" if error is None else _describe(error)
             if step is not None:
@@ -432,6 +470,7 @@ class CheckpointManager:
                     f"Checkpoint step {s} in {self.directory} is unusable ({reason})."
                 ) from error
             failures.append(f"step {s}: {reason}")
+            failed.append(s)
             logger.warning(
                 "checkpoint step %d in %s is incomplete or corrupt (%s); trying the previous step",
                 *(s, self.directory, reason),
@@ -439,6 +478,27 @@ class CheckpointManager:
         if data_iterator is not None:
             data_iterator.set_state(data_before)
         raise CheckpointError(f"No usable checkpoint in {self.directory}: " + "; ".join(failures))
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Rename unusable steps newer than the restored one to `<step>.corrupt[-k]`.
+
+        Otherwise they stay the "latest" step, and Orbax skips every save up to them: the
+        resumed run could not checkpoint those steps again. Renamed, not deleted (inspectable).
+        """
+        if jax.process_index() == 0:
+            for s in steps:
+                src = os.path.join(self.directory, str(s))
+                dst, k = f"{src}.corrupt", 1
+                while os.path.exists(dst):
+                    dst, k = f"{src}.corrupt-{k}", k + 1
+                try:
+                    os.rename(src, dst)
+                    logger.warning("moved the unusable checkpoint step %d aside to %s", s, dst)
+                except OSError as e:
+                    logger.warning("could not move the unusable checkpoint step %d aside: %s", s, e)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("distributed.checkpoint.set_aside")
+        self._mngr.reload()
 
     def _restore_step(self, step: int, template: Any, target: dict, data_iterator: Any):
         where = f"Checkpoint step {step} in {self.directory}"

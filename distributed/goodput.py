@@ -1,16 +1,30 @@
-"""A goodput ledger: where the wall time of a run went, and the productive fraction."""
+"""A goodput ledger: where the wall time of a run went, and the productive fraction.
+
+Categories (seconds): ``setup`` (runtime, mesh, data and checkpoint-manager set-up, timed by the
+command line), ``compile`` (jax's compile events, wherever they happen), ``step``, ``data_wait``,
+``checkpoint_blocking``, ``validation``, ``restore``, and ``other`` = wall minus all of them, so
+the parts add up to the wall time by construction (a test checks that no two overlap).
+
+Work lost on a restart: when a run resumes, `read_previous_attempt` reads the workdir's
+``metrics.jsonl``: the last step the previous attempt logged and that attempt's step rate (from
+the ``goodput.wall_s`` carried by each record). ``lost_steps = last logged - restored step`` and
+``lost_s = lost_steps / rate``: a lower bound (time after the last log line is not known).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import os
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jax
 
-CATEGORIES = ("compile", "step", "data_wait", "checkpoint_blocking", "validation", "restore")
+CATEGORIES = ("setup", "compile", "step", "data_wait", "checkpoint_blocking", "validation",
+              "restore")
 
 
 class Ledger:
@@ -29,6 +43,7 @@ class Ledger:
         self.lost_s = 0.0
         self.lost_steps = 0
         self.resumed_from: int | None = None
+        self.previous: dict[str, Any] | None = None
         self._rate_mark: tuple[float, int] | None = None
         self._listener = self._on_event
         jax.monitoring.register_event_duration_secs_listener(self._listener)
@@ -69,9 +84,25 @@ class Ledger:
             self.seconds[category] += time.perf_counter() - t
             yield item
 
-    def note_resume(self, step: int, lost_steps: int = 0, lost_s: float = 0.0) -> None:
+    def note_resume(self, step: int, lost_steps: int | None = None,
+                    lost_s: float | None = None) -> None:
+        """A resume from ``step``; the lost work is estimated from `previous` unless given."""
         self.resumed_from = step
-        self.lost_steps, self.lost_s = lost_steps, lost_s
+        prev = self.previous or {}
+        if lost_steps is None:
+            last = prev.get("last_step")
+            lost_steps = max(0, last - step) if last is not None else 0
+        if lost_s is None:
+            rate = prev.get("steps_per_sec")
+            lost_s = lost_steps / rate if lost_steps and rate else 0.0
+        self.lost_steps, self.lost_s = int(lost_steps), float(lost_s)
+
+    def resume_record(self) -> dict[str, Any]:
+        """What a resume record in metrics.jsonl says."""
+        prev = self.previous or {}
+        return {"resumed_from_step": self.resumed_from,
+                "previous_last_logged_step": prev.get("last_step"),
+                "lost_steps": self.lost_steps, "lost_s": round(self.lost_s, 3)}
 
     def record_save(self, record: Any) -> None:
         """Keep a save's stats (a dataclass whose totals may be filled in on commit)."""
@@ -92,6 +123,15 @@ class Ledger:
     def wall(self) -> float:
         return time.perf_counter() - self.t0
 
+    def snapshot(self) -> dict[str, float]:
+        """Running totals (no per-save list): carried by each metrics.jsonl record."""
+        wall = self.wall()
+        out = {f"{k}_s": round(v, 3) for k, v in self.seconds.items()}
+        out["other_s"] = round(max(0.0, wall - sum(self.seconds.values())), 3)
+        out["wall_s"] = round(wall, 3)
+        out["goodput"] = round(self.seconds["step"] / wall, 4) if wall > 0 else 0.0
+        return out
+
     def summary(self) -> dict[str, Any]:
         wall = self.wall()
         accounted = sum(self.seconds.values())
@@ -101,6 +141,49 @@ class Ledger:
         out["goodput"] = round(self.seconds["step"] / wall, 4) if wall > 0 else 0.0
         out["lost_steps_on_restart"] = self.lost_steps
         out["lost_s_on_restart"] = round(self.lost_s, 4)
+        out["resumed_from_step"] = self.resumed_from
+        out["previous_attempt_last_step"] = (self.previous or {}).get("last_step")
         out["saves"] = [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r)
                         for r in self.saves]
         return out
+
+
+def read_previous_attempt(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The last attempt's progress in a ``metrics.jsonl``: ``{"last_step", "steps_per_sec"}``.
+
+    The last attempt is the records after the last ``"event": "resume"`` record. Lines that are
+    not JSON objects (e.g. the half-written last line of a killed process) are skipped. The rate
+    is steps per wall second between that attempt's first and last records carrying
+    ``goodput.wall_s`` (so it includes checkpoints, validation and data waits, not compilation),
+    else its last ``steps_per_sec``. Returns None when there is no such file or no step record.
+    """
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.readlines()
+    except OSError:
+        return None
+    attempt: list[dict[str, Any]] = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+            continue
+        if rec.get("event") == "resume":
+            attempt = []
+        elif "event" not in rec:
+            attempt.append(rec)
+    if not attempt:
+        return None
+    timed = [(r["step"], r["goodput"]["wall_s"]) for r in attempt
+             if isinstance(r.get("goodput"), dict)
+             and isinstance(r["goodput"].get("wall_s"), (int, float))]
+    rate = None
+    if len(timed) >= 2 and timed[-1][1] > timed[0][1] and timed[-1][0] > timed[0][0]:
+        rate = (timed[-1][0] - timed[0][0]) / (timed[-1][1] - timed[0][1])
+    else:
+        rates = [r["steps_per_sec"] for r in attempt if isinstance(r.get("steps_per_sec"),
+                                                                   (int, float))]
+        rate = rates[-1] if rates else None
+    return {"last_step": max(r["step"] for r in attempt), "steps_per_sec": rate}

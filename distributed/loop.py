@@ -26,6 +26,7 @@ from .signals import StopRequest
 log = logging.getLogger("distributed")
 
 History = dict[str, list[float]]
+_END = object()
 
 
 def _mean_metrics(items: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -143,6 +144,7 @@ def run_loop(
     stop: StopRequest | None = None,
     ledger: Ledger | None = None,
     epoch_of_step: Callable[[int], int] | None = None,
+    watchdog: Any = None,
 ) -> tuple[Any, LoopResult]:
     """The loop behind `train_loop`, `Trainer` and the command line.
 
@@ -163,8 +165,12 @@ def run_loop(
         max_steps: stop after this many steps in total (0: no limit).
         recovery: loss-explosion policy (rollback, lower LR, retry).
         stop: a `StopRequest` (preemption signals); checked at every step boundary.
-        ledger: a goodput `Ledger` to account time into (else a new one).
+        ledger: a goodput `Ledger` to account time into (else a new one). Its running totals
+            go into every record given to ``writer`` (``goodput``), and a resume writes one
+            ``{"event": "resume", ...}`` record with the work lost since the last checkpoint.
         epoch_of_step: maps a global step to the epoch reported in logs (default step // nb).
+        watchdog: a `distributed.watchdog.Watchdog`, told at every step boundary, data fetch,
+            save, restore and validation what starts (a stall there ends the process).
     """
     if num_batches is None or num_batches < 1:
         raise ValueError(f"num_batches={num_batches!r} must be a positive integer.")
@@ -181,8 +187,10 @@ def run_loop(
 
         manager, owns_manager = CheckpointManager(checkpoint_dir), True
 
+    beat = watchdog.beat if watchdog is not None else (lambda what: None)
     resumed_from = None
     if resume and manager is not None and manager.latest_step() is not None:
+        beat("checkpoint restore")
         with ledger.timer("restore"):
             state, _, resumed_from = manager.restore(
                 _abstract_like(state), data_iterator=data_iterator
@@ -190,6 +198,8 @@ def run_loop(
     step = _state_step(state)
     if resumed_from is not None:
         ledger.note_resume(resumed_from)
+        if writer is not None:
+            writer.write(resumed_from, {"event": "resume", **ledger.resume_record()})
     guard = Guard(recovery, ledger) if recovery is not None else None
     progress = _progress(show_progress, num_epochs * num_batches, step)
     val_cache: list | None = None
@@ -205,6 +215,7 @@ def run_loop(
             return
         saved_at["step"] = step
         meta = metadata_fn(state, step, last) if metadata_fn else None
+        beat(f"checkpoint save at step {step}")
         with ledger.timer("checkpoint_blocking"):
             started = manager.save(
                 step, state, data_iterator=data_iterator, metadata=meta,
@@ -228,7 +239,7 @@ def run_loop(
             host["epoch"] = (epoch_of_step or (lambda x: (x - 1) // num_batches))(s)
             last = {**last, **host}
             if writer is not None:
-                writer.write(s, host)
+                writer.write(s, {**host, "goodput": ledger.snapshot()})
             progress.log(s, host)
 
     cbs.on_train_begin(state, StepInfo(step=step, epoch=start_epoch))
@@ -240,11 +251,18 @@ def run_loop(
                 batches = itertools.islice(data_iterator, num_batches - skip)
             else:
                 batches = itertools.islice(iter(data_iterator_fn()), skip, num_batches)
-            batches = ledger.timed_iter(batches, "data_wait")
-            for batch in batches:
+            batches = iter(ledger.timed_iter(batches, "data_wait"))
+            while True:
+                # Check before fetching: a fetched batch moves the saved data position.
+                beat(f"stop check at step {step}")
                 if stop is not None and stop.requested(step):
                     stopped_by = "preempted"
                     break
+                beat(f"data fetch for step {step + 1}")
+                batch = next(batches, _END)
+                if batch is _END:
+                    break
+                beat(f"step {step + 1}")
                 key = None if rng_key is None else jax.random.fold_in(rng_key, step)
                 with ledger.step_timer(step):
                     state, metrics = train_step_fn(state, batch, key)
@@ -269,13 +287,14 @@ def run_loop(
             if pending is not None:
                 handle(pending)
                 pending = None
-            if not epoch_metrics:
-                break
+            if not epoch_metrics or stopped_by == "preempted":
+                break  # preempted mid-epoch: no epoch-end work on a partial epoch
             epoch_host = _mean_metrics(epoch_metrics)
             for k, v in epoch_host.items():
                 history.setdefault(f"train_{k}", []).append(v)
             last.update({f"train_{k}": v for k, v in epoch_host.items()})
             if val_step_fn is not None and (epoch + 1) % validate_every == 0:
+                beat(f"validation after epoch {epoch}")
                 with ledger.timer("validation"):
                     val_cache, val = _validate(state, val_step_fn, val_data_iterator,
                                                val_num_batches, val_cache, rng_key)
@@ -295,8 +314,10 @@ def run_loop(
                 break
         if manager is not None:
             save(force=True)
+            beat(f"checkpoint commit at step {step}")
             with ledger.timer("checkpoint_blocking"):
                 manager.wait()
+        beat("end of training")
     except TrainingDiverged:
         if manager is not None:
             save(force=True)

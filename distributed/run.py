@@ -37,7 +37,8 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def _check_workdir(cfg: TrainConfig, is_main: bool) -> Path:
-    workdir = Path(cfg.workdir)
+    # Resolved once (symlinks and `..` as the OS sees them): every output goes inside it.
+    workdir = Path(cfg.workdir).expanduser().resolve()
     if workdir.exists() and not workdir.is_dir():
         raise SetupError(f"--workdir={cfg.workdir} exists and is not a folder; choose another.")
     cfg_path = workdir / "config.json"
@@ -59,14 +60,36 @@ def _check_workdir(cfg: TrainConfig, is_main: bool) -> Path:
     return workdir
 
 
-def run(cfg: TrainConfig) -> int:
-    """Run training; returns the process exit code."""
+def run(cfg: TrainConfig, stop: StopRequest | None = None) -> int:
+    """Run training; returns the process exit code.
+
+    ``stop`` (installed here if not yet): preemption signals from now on are remembered and end
+    the run at the next step boundary with a committed checkpoint and `PREEMPTED_EXIT_CODE`.
+    """
+    from .goodput import Ledger
+    from .watchdog import Watchdog
+
+    stop = (stop or StopRequest()).install()
+    stop.keep_jax_away()  # else jax.distributed's preemption notifier takes SIGTERM from us
+    ledger = Ledger(samples_per_step=cfg.batch_size)
     try:
-        setup = _setup(cfg)
-    except SetupError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return USAGE
-    return _train(cfg, setup)
+        try:
+            with ledger.timer("setup"):
+                setup = _setup(cfg)
+        except SetupError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return USAGE
+        ledger.previous = setup.get("previous")
+        stop.ensure_installed()
+        watchdog = Watchdog(cfg.watchdog_s, log_dir=setup["workdir"],
+                            process_index=jax.process_index()).start()
+        try:
+            return _train(cfg, dict(setup, stop=stop, ledger=ledger, watchdog=watchdog))
+        finally:
+            watchdog.stop()
+    finally:
+        stop.uninstall()
+        ledger.close()
 
 
 def _setup(cfg: TrainConfig) -> dict[str, Any]:
@@ -101,18 +124,60 @@ def _setup(cfg: TrainConfig) -> dict[str, Any]:
                          process_count=jax.process_count(), mesh=mesh)
     except (DataError, ValueError) as e:
         raise SetupError(f"--batch_size={cfg.batch_size}: {e}") from None
+    from .goodput import read_previous_attempt
+    from .watchdog import stall_point
+
+    try:
+        stall = stall_point()
+    except ValueError as e:
+        raise SetupError(str(e)) from None
     ckpt_dir = workdir / "checkpoints"
     if cfg.restart_from_scratch and is_main and ckpt_dir.exists():
+        _check_only_steps(ckpt_dir)
         shutil.rmtree(ckpt_dir)
     _sync("restart")
-    manager = CheckpointManager(ckpt_dir, max_to_keep=cfg.max_to_keep,
-                                async_save=cfg.async_checkpoint)
-    resume = manager.latest_step() is not None
     if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SetupError(f"--workdir={cfg.workdir} cannot be created ({e.strerror}); "
+                             f"choose a writable folder.") from None
+    _sync("workdir")
+    try:
+        manager = CheckpointManager(ckpt_dir, max_to_keep=cfg.max_to_keep,
+                                    async_save=cfg.async_checkpoint)
+    except (OSError, ValueError) as e:
+        raise SetupError(f"--workdir={cfg.workdir}: cannot use {ckpt_dir} for checkpoints "
+                         f"({e}); choose another --workdir.") from None
+    resume = manager.latest_step() is not None
+    if not resume and not cfg.restart_from_scratch:
+        orphans = sorted(p.name for p in ckpt_dir.iterdir() if p.name.isdigit()) \
+            if ckpt_dir.is_dir() else []
+        if orphans:  # step folders Orbax does not count as committed: never start over silently
+            manager.close()
+            raise SetupError(
+                f"--workdir={cfg.workdir} has checkpoint folders {orphans} in {ckpt_dir} but "
+                f"none is a complete checkpoint; pass --restart_from_scratch to start over "
+                f"(or restore a backup).")
+    previous = read_previous_attempt(workdir / "metrics.jsonl") if resume and is_main else None
+    if is_main:
         _atomic_write_json(workdir / "config.json", cfg.to_dict())
+        # summary.json describes a finished attempt; this one has not finished yet.
+        (workdir / "summary.json").unlink(missing_ok=True)
     return dict(info=info, mesh=mesh, task=task, manager=manager, resume=resume,
-                workdir=workdir, is_main=is_main, n_train=n_train)
+                workdir=workdir, is_main=is_main, n_train=n_train, previous=previous,
+                stall=stall)
+
+
+def _check_only_steps(ckpt_dir: Path) -> None:
+    """Refuse to delete a checkpoints/ folder holding anything but checkpoint steps."""
+    foreign = sorted(p.name for p in ckpt_dir.iterdir()
+                     if not (p.is_dir() and p.name.split(".")[0].isdigit()))
+    if foreign:
+        raise SetupError(
+            f"--restart_from_scratch would delete {ckpt_dir}, which holds files that are not "
+            f"checkpoint steps ({', '.join(foreign[:3])}); move them away or use another "
+            f"--workdir.")
 
 
 def _sync(name: str) -> None:
@@ -123,20 +188,21 @@ def _sync(name: str) -> None:
 
 
 def _train(cfg: TrainConfig, s: dict[str, Any]) -> int:
-    from .checkpoint import CheckpointError
+    from .checkpoint import CheckpointError, _Mismatch
     from .data import DevicePrefetcher, make_dataset, steps_per_epoch
     from .fingerprint import params_sha256
-    from .goodput import Ledger
     from .loop import run_loop
     from .metrics import JsonlWriter
     from .recovery import RecoveryPolicy, TrainingDiverged
     from .sharding import batch_sharding
     from .state import init_state
     from .step import StepOptions, TrainStep, make_eval_step
+    from .watchdog import StallingIterator, maybe_stall
 
     t0 = time.perf_counter()
     mesh, task, manager, workdir = s["mesh"], s["task"], s["manager"], s["workdir"]
-    ledger = Ledger(samples_per_step=cfg.batch_size)
+    ledger, stop, stall, watchdog = s["ledger"], s["stop"], s["stall"], s["watchdog"]
+    watchdog.beat("model and optimizer initialisation")
     state, shardings = init_state(task.model_fn, task.optimizers, task.blocks_fn,
                                   key=jax.random.key(cfg.seed), mesh=mesh, strategy=cfg.sharding)
     blocks = task.blocks_fn(state.model)
@@ -154,7 +220,10 @@ def _train(cfg: TrainConfig, s: dict[str, Any]) -> int:
     total_epochs = sum(p.epochs for p in plan)
     ds = make_dataset(task.train, global_batch_size=cfg.batch_size, seed=cfg.seed,
                       num_epochs=None)
-    data_it = DevicePrefetcher(iter(ds), mesh, size=2)
+    host_it = iter(ds)
+    if stall is not None and stall[0] == "data":  # test hook, see distributed/watchdog.py
+        host_it = StallingIterator(host_it, stall[1])
+    data_it = DevicePrefetcher(host_it, mesh, size=2)
     val_ds = make_dataset(task.val, global_batch_size=min(cfg.batch_size, _val_batch(task, cfg)),
                           seed=cfg.seed, shuffle=False, num_epochs=1)
     val_batches = lambda: DevicePrefetcher(iter(val_ds), mesh, size=2)
@@ -179,6 +248,7 @@ def _train(cfg: TrainConfig, s: dict[str, Any]) -> int:
             batch = dict(batch, **{k: jax.device_put(np.full((n,), v, np.float32), bsh)
                                    for k, v in extras.items()})
         phase_state["step"] = host_step + 1
+        maybe_stall("step", host_step + 1, stall)
         return step(state, batch, plan[p].blocks)
 
     def val_step_fn(state, batch, key):
@@ -193,7 +263,9 @@ def _train(cfg: TrainConfig, s: dict[str, Any]) -> int:
 
     writer = _PhaseWriter(JsonlWriter(workdir / "metrics.jsonl"), plan, spe) \
         if s["is_main"] else None
-    stop = StopRequest().install()
+    if stall is not None and stall[0] == "save":  # test hook, see distributed/watchdog.py
+        save_fn = manager.save
+        manager.save = lambda at, *a, **k: (maybe_stall("save", at, stall), save_fn(at, *a, **k))[1]
     policy = None
     if cfg.explosion_factor:
         policy = RecoveryPolicy(explosion_factor=cfg.explosion_factor,
@@ -207,27 +279,35 @@ def _train(cfg: TrainConfig, s: dict[str, Any]) -> int:
             checkpoint_every_steps=cfg.checkpoint_every, metadata_fn=metadata_fn,
             resume=s["resume"], val_step_fn=val_step_fn, val_data_iterator=val_batches,
             show_progress=cfg.progress, log_every=cfg.log_every, writer=writer,
-            max_steps=max_steps, recovery=policy, stop=stop, ledger=ledger,
+            max_steps=max_steps, recovery=policy, stop=stop, ledger=ledger, watchdog=watchdog,
         )
     except CheckpointError as e:
         if writer:
             writer.close()
-        print(f"error: {e} Pass --restart_from_scratch to start over.", file=sys.stderr,
-              flush=True)
+        print(f"error: --workdir={cfg.workdir}: {e} Pass --restart_from_scratch to start over "
+              f"(it deletes these checkpoints).", file=sys.stderr, flush=True)
+        return USAGE
+    except _Mismatch as e:
+        if writer:
+            writer.close()
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        print(f"error: --workdir={cfg.workdir} holds checkpoints of another model or shape: "
+              f"{' '.join(lines[:2])[:400]} Use a new --workdir, or --restart_from_scratch to "
+              f"discard them.", file=sys.stderr, flush=True)
         return USAGE
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
-        stop.uninstall()
+        watchdog.beat("closing the checkpoint manager")
         manager.close()
-        ledger.close()
     if writer:
         writer.close()
     if result.stopped_by == "preempted":
-        log.warning("preempted: checkpoint at step %d committed; exiting with code %d",
-                    result.final_step, PREEMPTED_EXIT_CODE)
-        code = PREEMPTED_EXIT_CODE
+        log.warning("preempted (%s): checkpoint at step %d committed; exiting with code %d",
+                    stop.signal_name or "stop request", result.final_step, PREEMPTED_EXIT_CODE)
+        return PREEMPTED_EXIT_CODE
+    watchdog.beat("final report")
     report = task.report_fn(state.model)
     sha = params_sha256(state.model)
     if s["is_main"]:
@@ -249,8 +329,7 @@ def _train(cfg: TrainConfig, s: dict[str, Any]) -> int:
             **{f"initial_{k}": v for k, v in initial_report.items()},
             "goodput": ledger.summary(),
         }
-        if code != PREEMPTED_EXIT_CODE:
-            _atomic_write_json(workdir / "summary.json", summary)
+        _atomic_write_json(workdir / "summary.json", summary)
         log.info("done: step %d, train loss %s, val loss %s%s", result.final_step,
                  summary["final_train_loss"], summary["final_val_loss"],
                  "".join(f", {k} {v:.4g}" for k, v in report.items()))

@@ -157,6 +157,12 @@ def mlp_task(cfg: TrainConfig) -> Task:
         arrays = {"x": arrays["x"], "y": arrays["y"]}
         if arrays["y"].ndim == 1:
             arrays["y"] = arrays["y"][:, None]
+        for k in ("x", "y"):
+            if arrays[k].ndim != 2:
+                from .data import DataError
+
+                raise DataError(f"{cfg.data}: array {k!r} has shape {arrays[k].shape}; the mlp "
+                                f"model needs 2-D arrays (N, features); reshape it first.")
         validate_arrays(arrays, float_keys=("x", "y"), where=cfg.data)
         train, val = split_arrays(arrays, (1 - cfg.val_fraction, cfg.val_fraction), cfg.seed)
     else:

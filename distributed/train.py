@@ -63,6 +63,11 @@ def main(argv: list[str]) -> None:
         cfg = config_from_flags()
     except ValueError as e:
         _fail(str(e))
+    from .signals import StopRequest
+
+    # Preemption on by default, from before jax starts: a signal during start-up, the first
+    # compilation or a restore is remembered and handled at the first step boundary.
+    stop = StopRequest().install()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         force=True)
     for noisy in ("absl", "orbax", "jax"):  # Orbax logs every save phase at INFO
@@ -72,10 +77,12 @@ def main(argv: list[str]) -> None:
     try:
         configure_host_devices(cfg.host_devices or None)
     except (ValueError, RuntimeError) as e:
-        _fail(f"--host_devices={cfg.host_devices}: {e}")
+        if cfg.host_devices:
+            _fail(f"--host_devices={cfg.host_devices}: {e}")
+        _fail(f"{e}; set it to a positive integer or unset it (or pass --host_devices=N).")
     from .run import run
 
-    code = run(cfg)
+    code = run(cfg, stop=stop)
     sys.exit(code)
 
 
