@@ -1,4 +1,4 @@
-"""Bad input, end to end: one test per row of docs/bad-inputs.md (rows already covered by
+"""Bad input, end to end: one test per row of README.md's bad-input table (rows already covered by
 tests/test_cli.py are named there, not repeated here).
 
 Each bad input must end with exit code 2 (or the documented one), ONE `error:` line naming the
@@ -247,8 +247,8 @@ def test_dotdot_workdir_writes_only_inside_it(tmp_path):
 
 
 def test_every_row_names_an_existing_test():
-    doc = (ROOT / "docs" / "bad-inputs.md").read_text()
-    table = doc[doc.index("## The table"):]
+    doc = (ROOT / "README.md").read_text()
+    table = doc[doc.index("### The table"):doc.index("### Reliability in one paragraph")]
     rows = [line for line in table.splitlines() if re.match(r"\| \d+ \|", line)]
     assert len(rows) >= 15
     assert [int(r.split("|")[1]) for r in rows] == list(range(1, len(rows) + 1))
