@@ -1,0 +1,140 @@
+"""Input pipeline throughput, and the share of training wall time spent waiting for data.
+
+1. **Pipeline alone**: the CLI's Grain dataset of the embedded star field (shuffled, batched,
+   sliced per process) iterated with no training: host batches/s and samples/s; then the same
+   through `DevicePrefetcher` (host batch -> global sharded `jax.Array`), blocking on the last;
+   and `to_global` alone on one host batch (the host -> device share of the cost).
+2. **Data wait in training**: the default command-line job (``distributed.run.run`` with the
+   default `TrainConfig`, fewer epochs), whose goodput `Ledger` times every wait on the input
+   iterator: ``data_wait_s / wall_s`` from its summary.json (target <= 1%), also reported
+   against the wall time less compilation (the stricter figure).
+
+    python benchmarks/data.py [--quick] [--devices=8]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import common
+
+
+@dataclasses.dataclass
+class Config:
+    batch_size: int = 64  # the CLI default
+    n_train: int = 512  # the CLI default
+    batches: int = 500  # batches per pipeline-throughput repetition
+    reps: int = 3
+    prefetch: int = 2  # DevicePrefetcher size (the CLI's)
+    train_model: str = "psf"  # the CLI's --model for the data-wait runs (psf: the default job)
+    train_epochs_per_phase: int = 4  # of the CLI job (default 12: same per-step behaviour)
+    train_runs: int = 2
+    target: float = 0.01
+    quick: bool = False
+    devices: int = 0
+
+
+QUICK = dict(batches=50, reps=1, n_train=128, train_model="mlp", train_epochs_per_phase=1,
+             train_runs=1)
+
+
+def pipeline_throughput(cfg: Config) -> dict:
+    import jax
+
+    from distributed.config import TrainConfig
+    from distributed.data import DevicePrefetcher, make_dataset, to_global
+    from distributed.mesh import make_mesh
+    from distributed.tasks import make_task
+
+    task = make_task(TrainConfig(n_train=cfg.n_train, n_val=8, n_test=8))
+    mesh = make_mesh("data:-1")
+    bytes_per_batch = sum(v[0].nbytes for v in task.train.values()) * cfg.batch_size
+
+    def host_only():
+        it = iter(make_dataset(task.train, global_batch_size=cfg.batch_size, seed=0))
+        next(it)  # start-up (threads, first read) is not throughput
+        t = time.perf_counter()
+        for _ in range(cfg.batches):
+            next(it)
+        return time.perf_counter() - t
+
+    def to_device():
+        it = DevicePrefetcher(iter(make_dataset(task.train, global_batch_size=cfg.batch_size,
+                                                seed=0)), mesh, size=cfg.prefetch)
+        next(it)
+        t = time.perf_counter()
+        batch = None
+        for _ in range(cfg.batches):
+            batch = next(it)
+        jax.block_until_ready(batch)
+        elapsed = time.perf_counter() - t
+        it.close()
+        return elapsed
+
+    host_batch = next(iter(make_dataset(task.train, global_batch_size=cfg.batch_size, seed=0)))
+
+    def transfer_only():  # to_global alone: host batch -> sharded global arrays
+        t = time.perf_counter()
+        batch = None
+        for _ in range(cfg.batches):
+            batch = to_global(host_batch, mesh)
+        jax.block_until_ready(batch)
+        return time.perf_counter() - t
+
+    times = common.interleaved({"host": host_only, "device": to_device,
+                                "transfer_only": transfer_only}, cfg.reps)
+    out = {"batch_size": cfg.batch_size, "batch_mb": round(bytes_per_batch / 1e6, 4),
+           "mesh": dict(mesh.shape)}
+    for name, ts in times.items():
+        bps = [cfg.batches / t for t in ts]
+        out[name] = {"batches_per_s": common.summarize(bps, 1),
+                     "samples_per_s": common.summarize([b * cfg.batch_size for b in bps], 1),
+                     "mb_per_s": round(max(bps) * bytes_per_batch / 1e6, 1)}
+    return out
+
+
+def training_wait(cfg: Config) -> dict:
+    from distributed.config import TrainConfig
+    from distributed.run import run
+
+    runs = []
+    for i in range(cfg.train_runs):
+        with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
+            e = cfg.train_epochs_per_phase
+            tcfg = TrainConfig(workdir=str(Path(tmp) / "run"), model=cfg.train_model,
+                               epochs_param=e, epochs_nonparam=e, epochs_complete=e,
+                               epochs=3 * e, n_train=cfg.n_train, seed=i, progress="none")
+            code = run(tcfg)
+            if code != 0:
+                raise RuntimeError(f"the CLI run exited with code {code}")
+            summary = json.loads((Path(tmp) / "run" / "summary.json").read_text())
+        g = summary["goodput"]
+        wall, wait = g["wall_s"], g["data_wait_s"]
+        runs.append({"steps": summary["final_step"], "wall_s": wall, "data_wait_s": wait,
+                     "compile_s": g["compile_s"], "step_s": g["step_s"],
+                     "validation_s": g["validation_s"],
+                     "checkpoint_blocking_s": g["checkpoint_blocking_s"],
+                     "goodput": g["goodput"],
+                     "data_wait_fraction": round(wait / wall, 5),
+                     "data_wait_fraction_excl_compile": round(wait / (wall - g["compile_s"]), 5),
+                     "samples_per_sec": summary["samples_per_sec"]})
+    worst = max(r["data_wait_fraction_excl_compile"] for r in runs)
+    return {"job": f"the CLI's defaults with --model={cfg.train_model}, "
+                   f"{cfg.train_epochs_per_phase} epochs per phase (x3 for mlp)",
+            "runs": runs, "data_wait_fraction": max(r["data_wait_fraction"] for r in runs),
+            "data_wait_fraction_excl_compile": worst}
+
+
+def run_benchmark(cfg: Config) -> dict:
+    pipe = pipeline_throughput(cfg)
+    train = training_wait(cfg)
+    return {"pipeline": pipe, "training": train, "target": cfg.target,
+            "meets_target": bool(train["data_wait_fraction_excl_compile"] <= cfg.target)}
+
+
+if __name__ == "__main__":
+    common.main("data", Config, QUICK, run_benchmark)
