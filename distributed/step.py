@@ -166,6 +166,7 @@ class TrainStep:
         self._state_sh = eqx.filter(state_shardings, lambda x: isinstance(x, NamedSharding))
         self._batch_sh = NamedSharding(mesh, batch_spec(mesh))
         self._compiled: dict[Any, Callable] = {}
+        self._fast: dict[Any, tuple] = {}
         self.trace_counts: dict[tuple[str, ...], int] = {}
 
     # -- gradient of the loss w.r.t. the active arrays, averaged over the global batch ----------
@@ -282,8 +283,22 @@ class TrainStep:
         return fn, static
 
     def __call__(self, state: TrainState, batch: Any, active: Sequence[str]):
+        # Fast path (the per-step Python cost matters when steps are short): one C++ flatten,
+        # a cache keyed by (active blocks, treedef), identity checks on the few static leaves.
+        leaves, treedef = jax.tree.flatten(state)
+        entry = self._fast.get((tuple(active), treedef))
+        if entry is not None:
+            fn, idx, statics, arrays_def = entry
+            if all(leaves[i] is v for i, v in statics):
+                new_arrays, metrics = fn(arrays_def.unflatten([leaves[i] for i in idx]), batch)
+                for i, a in zip(idx, jax.tree.leaves(new_arrays)):
+                    leaves[i] = a
+                return treedef.unflatten(leaves), metrics
         fn, static = self.compiled(state, active)
         arrays = eqx.filter(state, eqx.is_array)
+        idx = [i for i, x in enumerate(leaves) if eqx.is_array(x)]
+        statics = [(i, x) for i, x in enumerate(leaves) if not eqx.is_array(x)]
+        self._fast[(tuple(active), treedef)] = (fn, idx, statics, jax.tree.structure(arrays))
         new_arrays, metrics = fn(arrays, batch)
         return eqx.combine(new_arrays, static), metrics
 
