@@ -22,6 +22,11 @@ from .callbacks import Hook as Hook
 from .callbacks import StepInfo as StepInfo
 from .checkpoint import CheckpointManager as CheckpointManager
 from .config import TrainConfig as TrainConfig
+from .cycle import general_train_cycle as general_train_cycle
+from .cycle import train_epoch as train_epoch
+from .trainer import History as History
+from .trainer import Trainer as Trainer
+from .trainer import TrainingConfig as TrainingConfig
 from .data import DataError as DataError
 from .data import DevicePrefetcher as DevicePrefetcher
 from .data import epoch_batches as epoch_batches

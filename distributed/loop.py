@@ -8,6 +8,7 @@ owns (history, guards, timers) lives in this call's local objects — no globals
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import logging
@@ -145,6 +146,7 @@ def run_loop(
     ledger: Ledger | None = None,
     epoch_of_step: Callable[[int], int] | None = None,
     watchdog: Any = None,
+    max_in_flight: int = 16,
 ) -> tuple[Any, LoopResult]:
     """The loop behind `train_loop`, `Trainer` and the command line.
 
@@ -169,6 +171,7 @@ def run_loop(
             go into every record given to ``writer`` (``goodput``), and a resume writes one
             ``{"event": "resume", ...}`` record with the work lost since the last checkpoint.
         epoch_of_step: maps a global step to the epoch reported in logs (default step // nb).
+        max_in_flight: dispatched steps allowed to run ahead of the host.
         watchdog: a `distributed.watchdog.Watchdog`, told at every step boundary, data fetch,
             save, restore and validation what starts (a stall there ends the process).
     """
@@ -206,6 +209,7 @@ def run_loop(
     stopped_by = None
     last: dict[str, float] = {}
     pending: tuple[int, dict] | None = None
+    in_flight: collections.deque = collections.deque()
     start_epoch = step // num_batches
 
     saved_at = {"step": manager.latest_step() if manager is not None else None}
@@ -268,6 +272,13 @@ def run_loop(
                     state, metrics = train_step_fn(state, batch, key)
                 step += 1
                 epoch_metrics.append(metrics)
+                # Bound the dispatch queue (XLA:CPU collectives can deadlock with thousands of
+                # queued multi-device steps); waiting on a step max_in_flight back is free.
+                leaves = jax.tree.leaves(metrics)
+                if leaves:
+                    in_flight.append(leaves[0])
+                    if len(in_flight) > max_in_flight:
+                        in_flight.popleft().block_until_ready()
                 if guard is not None:
                     guard.observe(step, state)
                 if pending is not None:
