@@ -224,8 +224,9 @@ def build_system(cfg, mesh=None, step=None) -> System:
 
     from distributed.data import steps_per_epoch
     from distributed.mesh import make_mesh
+    from distributed.run import step_options
     from distributed.state import init_state
-    from distributed.step import StepOptions, TrainStep
+    from distributed.step import TrainStep
     from distributed.tasks import make_task
 
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
@@ -234,12 +235,8 @@ def build_system(cfg, mesh=None, step=None) -> System:
                                   key=jax.random.key(cfg.seed), mesh=mesh, strategy=cfg.sharding)
     blocks = task.blocks_fn(state.model)
     if step is None:
-        options = StepOptions(grad_accum=cfg.grad_accum, clip_norm=None, has_aux=True,
-                              compute_dtype=None if cfg.compute_dtype == "float32"
-                              else cfg.compute_dtype, skip_nonfinite=cfg.skip_nonfinite,
-                              impl=cfg.step_impl)
         step = TrainStep(task.loss_fn, task.optimizers, blocks, mesh=mesh,
-                         state_shardings=shardings, options=options)
+                         state_shardings=shardings, options=step_options(cfg))
     n_train = len(next(iter(task.train.values())))
     return System(cfg, task, mesh, state, shardings, step, blocks,
                   steps_per_epoch(n_train, cfg.batch_size))

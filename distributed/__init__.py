@@ -4,15 +4,15 @@ descent, Grain input and exact-resume Orbax checkpoints.
 The public API, listed by hand (Equinox style); the code lives in the submodules.
 """
 
-from .bcd import complete_filter as complete_filter
 from .bcd import CYCLES as CYCLES
+from .bcd import Phase as Phase
+from .bcd import complete_filter as complete_filter
 from .bcd import enter_phase as enter_phase
 from .bcd import field_filter as field_filter
 from .bcd import make_phase_plan as make_phase_plan
 from .bcd import model_blocks as model_blocks
 from .bcd import nonparam_filter as nonparam_filter
 from .bcd import param_filter as param_filter
-from .bcd import Phase as Phase
 from .bcd import phase_at as phase_at
 from .bcd import phase_boundaries as phase_boundaries
 from .bcd import union as union
@@ -24,9 +24,6 @@ from .checkpoint import CheckpointManager as CheckpointManager
 from .config import TrainConfig as TrainConfig
 from .cycle import general_train_cycle as general_train_cycle
 from .cycle import train_epoch as train_epoch
-from .trainer import History as History
-from .trainer import Trainer as Trainer
-from .trainer import TrainingConfig as TrainingConfig
 from .data import DataError as DataError
 from .data import DevicePrefetcher as DevicePrefetcher
 from .data import epoch_batches as epoch_batches
@@ -37,6 +34,8 @@ from .data import to_global as to_global
 from .data import write_array_record as write_array_record
 from .fingerprint import params_sha256 as params_sha256
 from .goodput import Ledger as Ledger
+from .loop import run_loop as run_loop
+from .loop import train_loop as train_loop
 from .losses import calculate_sample_weights as calculate_sample_weights
 from .losses import get_loss as get_loss
 from .losses import huber_loss as huber_loss
@@ -52,39 +51,37 @@ from .losses import physics_informed_loss as physics_informed_loss
 from .losses import register_loss as register_loss
 from .losses import total_loss as total_loss
 from .losses import weighted_masked_mse_loss as weighted_masked_mse_loss
-from .loop import run_loop as run_loop
-from .loop import train_loop as train_loop
 from .mesh import BATCH_AXES as BATCH_AXES
-from .mesh import check_batch_size as check_batch_size
 from .mesh import DATA as DATA
 from .mesh import FSDP as FSDP
-from .mesh import make_mesh as make_mesh
 from .mesh import TENSOR as TENSOR
-from .metrics import average_metrics as average_metrics
-from .metrics import compute_metrics as compute_metrics
-from .metrics import format_metrics as format_metrics
+from .mesh import check_batch_size as check_batch_size
+from .mesh import make_mesh as make_mesh
 from .metrics import JsonlWriter as JsonlWriter
 from .metrics import Metrics as Metrics
 from .metrics import MultiWriter as MultiWriter
-from .metrics import print_metrics as print_metrics
 from .metrics import TensorBoardWriter as TensorBoardWriter
+from .metrics import average_metrics as average_metrics
+from .metrics import compute_metrics as compute_metrics
+from .metrics import format_metrics as format_metrics
+from .metrics import print_metrics as print_metrics
 from .model_io import CheckpointError as CheckpointError
 from .model_io import load_checkpoint as load_checkpoint
 from .model_io import load_model as load_model
 from .model_io import make_metadata as make_metadata
 from .model_io import read_metadata as read_metadata
 from .model_io import save_checkpoint as save_checkpoint
+from .optim import OptimizerConfig as OptimizerConfig
 from .optim import configure_optimizer as configure_optimizer
 from .optim import current_learning_rate as current_learning_rate
 from .optim import make_optimizer as make_optimizer
 from .optim import make_schedule as make_schedule
-from .optim import OptimizerConfig as OptimizerConfig
 from .optim import per_block_optimizers as per_block_optimizers
 from .recovery import RecoveryPolicy as RecoveryPolicy
 from .recovery import TrainingDiverged as TrainingDiverged
+from .runtime import RuntimeInfo as RuntimeInfo
 from .runtime import configure_host_devices as configure_host_devices
 from .runtime import initialize as initialize
-from .runtime import RuntimeInfo as RuntimeInfo
 from .sharding import batch_sharding as batch_sharding
 from .sharding import shard as shard
 from .sharding import sharded_init as sharded_init
@@ -92,12 +89,15 @@ from .sharding import tree_shardings as tree_shardings
 from .sharding import tree_specs as tree_specs
 from .signals import PREEMPTED_EXIT_CODE as PREEMPTED_EXIT_CODE
 from .signals import StopRequest as StopRequest
+from .state import TrainState as TrainState
 from .state import create_state as create_state
 from .state import init_state as init_state
-from .state import TrainState as TrainState
-from .step import make_eval_step as make_eval_step
-from .step import make_step as make_step
 from .step import StepOptions as StepOptions
 from .step import TrainStep as TrainStep
+from .step import make_eval_step as make_eval_step
+from .step import make_step as make_step
+from .trainer import History as History
+from .trainer import Trainer as Trainer
+from .trainer import TrainingConfig as TrainingConfig
 
 __version__ = "0.1.0"

@@ -96,7 +96,8 @@ class TrainConfig:
 
     # Fields that do not change the training result (may differ when resuming a workdir).
     RUNTIME_FIELDS = (
-        "workdir", "host_devices", "coordinator_address", "num_processes", "process_id", "init_timeout_s",
+        "workdir", "host_devices", "coordinator_address", "num_processes", "process_id",
+        "init_timeout_s",
         "max_steps", "restart_from_scratch", "force", "log_every", "progress", "watchdog_s",
         "async_checkpoint", "mesh", "sharding", "step_impl", "checkpoint_every", "max_to_keep",
     )

@@ -145,12 +145,13 @@ def psf_arrays(data: Sequence, what: str) -> dict[str, np.ndarray]:
                          f"{f' of length {len(data)}' if isinstance(data, (tuple, list)) else ''}.")
     arrays = [np.asarray(jax.device_get(a), np.float32) for a in data]
     n = len(arrays[0])
-    bad = [f"{k}: {len(a)}" for k, a in zip(PSF_KEYS, arrays) if a.ndim == 0 or len(a) != n]
+    bad = [f"{k}: {len(a)}" for k, a in zip(PSF_KEYS, arrays, strict=False)
+           if a.ndim == 0 or len(a) != n]
     if bad:
         raise ValueError(f"{what}: every array needs the same number of stars ({n}); got {bad}.")
     if len(arrays) == 4:
         arrays.append(np.ones(n, np.float32))
-    return dict(zip(PSF_KEYS, arrays))
+    return dict(zip(PSF_KEYS, arrays, strict=False))
 
 
 # ------------------------------------------------------------------------------- train_epoch

@@ -12,7 +12,6 @@ import collections
 import dataclasses
 import itertools
 import logging
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 

@@ -160,7 +160,7 @@ def write_report(workdir: str | os.PathLike, out: str | os.PathLike | None = Non
     def draw_val(axes):
         if not val_keys:
             return _empty(axes[0], "no validation records")
-        for ax, key in zip(axes, val_keys):
+        for ax, key in zip(axes, val_keys, strict=False):
             xs, ys = _series(vals, key)
             ax.plot(xs, ys, "-o", ms=3)
             _log_if_positive(ax, ys)
@@ -171,7 +171,7 @@ def write_report(workdir: str | os.PathLike, out: str | os.PathLike | None = Non
 
     def draw_simple(keys, empty):
         def draw(axes):
-            for ax, key in zip(axes, keys):
+            for ax, key in zip(axes, keys, strict=False):
                 xs, ys = _series(steps, key)
                 if not xs:
                     _empty(ax, empty.format(key=key))

@@ -196,7 +196,7 @@ def _train(cfg: TrainConfig, s: dict[str, Any]) -> int:
     from .recovery import RecoveryPolicy, TrainingDiverged
     from .sharding import batch_sharding
     from .state import init_state
-    from .step import StepOptions, TrainStep, make_eval_step
+    from .step import TrainStep, make_eval_step
     from .watchdog import StallingIterator, maybe_stall
 
     t0 = time.perf_counter()
@@ -206,14 +206,10 @@ def _train(cfg: TrainConfig, s: dict[str, Any]) -> int:
     state, shardings = init_state(task.model_fn, task.optimizers, task.blocks_fn,
                                   key=jax.random.key(cfg.seed), mesh=mesh, strategy=cfg.sharding)
     blocks = task.blocks_fn(state.model)
-    options = StepOptions(grad_accum=cfg.grad_accum, clip_norm=None, has_aux=True,
-                          compute_dtype=None if cfg.compute_dtype == "float32"
-                          else cfg.compute_dtype, skip_nonfinite=cfg.skip_nonfinite,
-                          impl=cfg.step_impl)
     step = TrainStep(task.loss_fn, task.optimizers, blocks, mesh=mesh,
-                     state_shardings=shardings, options=options)
+                     state_shardings=shardings, options=step_options(cfg))
     evaluate = make_eval_step(task.eval_fn, mesh=mesh, model_shardings=shardings.model)
-    initial_report = task.report_fn(state.model) if s["is_main"] or True else {}
+    initial_report = task.report_fn(state.model)
 
     spe = steps_per_epoch(s["n_train"], cfg.batch_size)
     plan = task.plan
@@ -334,6 +330,16 @@ def _train(cfg: TrainConfig, s: dict[str, Any]) -> int:
                  summary["final_train_loss"], summary["final_val_loss"],
                  "".join(f", {k} {v:.4g}" for k, v in report.items()))
     return code
+
+
+def step_options(cfg: TrainConfig):
+    """The train step's options from the run config (clipping lives in the optimizer chain)."""
+    from .step import StepOptions
+
+    return StepOptions(grad_accum=cfg.grad_accum, clip_norm=None, has_aux=True,
+                       compute_dtype=None if cfg.compute_dtype == "float32"
+                       else cfg.compute_dtype, skip_nonfinite=cfg.skip_nonfinite,
+                       impl=cfg.step_impl)
 
 
 def _val_batch(task, cfg) -> int:

@@ -22,7 +22,8 @@ from typing import Any, Literal
 import equinox as eqx
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from .mesh import BATCH_AXES, FSDP, TENSOR
 

@@ -20,7 +20,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from .bcd import union
 from .mesh import BATCH_AXES
@@ -291,7 +292,7 @@ class TrainStep:
             fn, idx, statics, arrays_def = entry
             if all(leaves[i] is v for i, v in statics):
                 new_arrays, metrics = fn(arrays_def.unflatten([leaves[i] for i in idx]), batch)
-                for i, a in zip(idx, jax.tree.leaves(new_arrays)):
+                for i, a in zip(idx, jax.tree.leaves(new_arrays), strict=False):
                     leaves[i] = a
                 return treedef.unflatten(leaves), metrics
         fn, static = self.compiled(state, active)

@@ -7,12 +7,8 @@ This file only wires config -> runtime -> mesh -> state/step/data -> loop -> out
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import os
 import sys
-from typing import Any
 
 from absl import app, flags
 

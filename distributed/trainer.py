@@ -267,7 +267,7 @@ def as_arrays(data: Any, what: str) -> dict[str, np.ndarray] | None:
         out = _from_dict(data)
     elif isinstance(data, (tuple, list)) and len(data) in (2, 3) and _is_array(data[0]) \
             and _is_array(data[1]) and len(data[0]) == len(data[1]):
-        out = dict(zip(("x", "y", "weights"), data))
+        out = dict(zip(("x", "y", "weights"), data, strict=False))
         if out.get("weights") is None:
             out.pop("weights", None)
     else:
@@ -283,7 +283,7 @@ def as_arrays(data: Any, what: str) -> dict[str, np.ndarray] | None:
                    "y": np.vstack([np.atleast_1d(np.asarray(s.y)) for s in items])}
         else:
             batches = [_from_dict(b) if isinstance(b, Mapping) else
-                       dict(zip(("x", "y", "weights"), b)) for b in items]
+                       dict(zip(("x", "y", "weights"), b, strict=False)) for b in items]
             out = {k: np.concatenate([np.asarray(jax.device_get(b[k])) for b in batches])
                    for k in batches[0] if batches[0][k] is not None}
     out = {k: np.asarray(jax.device_get(v), np.float32) for k, v in out.items()}

@@ -14,7 +14,7 @@ class TinyMLP(eqx.Module):
     def __init__(self, sizes=(8, 32, 32, 4), *, key):
         keys = jax.random.split(key, len(sizes) - 1)
         self.layers = tuple(
-            eqx.nn.Linear(a, b, key=k) for a, b, k in zip(sizes[:-1], sizes[1:], keys)
+            eqx.nn.Linear(a, b, key=k) for a, b, k in zip(sizes[:-1], sizes[1:], keys, strict=False)
         )
 
     def __call__(self, x):
@@ -80,12 +80,12 @@ def arrays(tree):
 def assert_trees_allclose(a, b, rtol=1e-5, atol=1e-6):
     la, lb = arrays(a), arrays(b)
     assert len(la) == len(lb)
-    for x, y in zip(la, lb):
+    for x, y in zip(la, lb, strict=False):
         np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
 
 
 def assert_trees_equal(a, b):
     la, lb = arrays(a), arrays(b)
     assert len(la) == len(lb)
-    for x, y in zip(la, lb):
+    for x, y in zip(la, lb, strict=False):
         np.testing.assert_array_equal(x, y)

@@ -24,17 +24,17 @@ from distributed.step import StepOptions, TrainStep, make_step
 MESHES = ["data:8", "data:4,fsdp:2", "fsdp:8", "data:2,tensor:4"]
 
 
-def _setup(model_fn, mesh, blocks_fn, optimizers, options=StepOptions(), n=64):
+def _setup(model_fn, mesh, blocks_fn, optimizers, options=None, n=64):
     key = jax.random.key(0)
     state, sh = init_state(model_fn, optimizers, blocks_fn, key=key, mesh=mesh, min_fsdp_size=1)
     step = TrainStep(mse, optimizers, blocks_fn(state.model), mesh=mesh, state_shardings=sh,
-                     options=options)
+                     options=options or StepOptions())
     data = regression_data(n)
     batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in data.items()}
     return state, step, batch
 
 
-def _run(model_fn, mesh_spec, phases, devices=None, options=StepOptions(), two_blocks=True):
+def _run(model_fn, mesh_spec, phases, devices=None, options=None, two_blocks=True):
     mesh = make_mesh(mesh_spec, devices)
     if two_blocks:
         opts = {"param": optax.adam(1e-2), "nonparam": optax.adam(3e-3)}
@@ -76,7 +76,7 @@ def test_tensor_parallel_actually_shards_mlp():
     opts = {"all": optax.adam(1e-2)}
     state, _, _ = _setup(lambda: TinyMLP((4, 32, 32, 2), key=jax.random.key(2)), mesh,
                          lambda m: {"all": bcd.complete_filter(m)}, opts)
-    specs = [l.weight.sharding.spec for l in state.model.layers]
+    specs = [layer.weight.sharding.spec for layer in state.model.layers]
     assert specs[0] == jax.sharding.PartitionSpec("tensor")  # column parallel
     assert specs[1] == jax.sharding.PartitionSpec(None, "tensor")  # row parallel
 
@@ -129,10 +129,10 @@ def test_bcd_phase_changes_only_its_block_bitwise():
         for f in frozen + ("basis_scale",):
             np.testing.assert_array_equal(getattr(state.model, f), getattr(before_model, f))
         assert not np.array_equal(getattr(state.model, moved), getattr(before_model, moved))
-        for x, y in zip(arrays(state.opt_state[other]), before_other_opt):
+        for x, y in zip(arrays(state.opt_state[other]), before_other_opt, strict=False):
             np.testing.assert_array_equal(x, y)
         assert any(not np.array_equal(x, y)
-                   for x, y in zip(arrays(state.opt_state[active[0]]), before_opt))
+                   for x, y in zip(arrays(state.opt_state[active[0]]), before_opt, strict=False))
 
 
 def test_complete_bcd_equals_plain_optimizer():
@@ -144,7 +144,7 @@ def test_complete_bcd_equals_plain_optimizer():
     ref, opt = model, tx.init(eqx.filter(model, spec))
     for _ in range(3):
         diff, static = eqx.partition(ref, spec)
-        g = jax.grad(lambda d: mse(eqx.combine(d, static), data))(diff)
+        g = jax.grad(lambda d, static=static: mse(eqx.combine(d, static), data))(diff)
         u, opt = tx.update(g, opt, diff)
         ref = eqx.apply_updates(ref, u)
     # two per-block Adam optimizers, both blocks active, on 8 devices
