@@ -358,7 +358,7 @@ def _validate(state, val_step_fn, source, num, cache, rng_key):
         batches = itertools.islice(batches, num)
     results = []
     for i, batch in enumerate(batches):
-        key = None if rng_key is None else jax.random.fold_in(rng_key, -1 - i)
+        key = None if rng_key is None else jax.random.fold_in(rng_key, 2**32 - 1 - i)
         _, m = val_step_fn(state, batch, key)
         results.append(m)
     return cache, _mean_metrics(results)

@@ -240,7 +240,7 @@ class TrainStep:
             u_b = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), u_b)
             sq_update += optax.tree.norm(u_b) ** 2
             new_model = eqx.apply_updates(new_model, u_b)
-            lr = _find_learning_rate(state.opt_state[b])
+            lr = _find_learning_rate(new_opt[b])  # the rate this update used
             if lr is not None:
                 metrics[f"lr_{b}"] = lr * state.lr_scale
         if self.options.skip_nonfinite:

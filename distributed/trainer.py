@@ -341,7 +341,8 @@ def _arch(model: Any) -> dict:
         return model.arch()
     if isinstance(model, eqx.nn.MLP):
         return {"name": "eqx.nn.MLP", "in_size": model.in_size, "out_size": model.out_size,
-                "width_size": model.width_size, "depth": model.depth}
+                "width_size": model.width_size, "depth": model.depth,
+                "activation": getattr(model.activation, "__name__", repr(model.activation))}
     return {"name": type(model).__name__}
 
 

@@ -200,3 +200,16 @@ def test_report_writes_pngs_for_a_finished_run(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "distributed.report", str(tmp_path / "no")],
                              env=cli_env(), cwd=ROOT, capture_output=True, text=True)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
+def test_load_model_rebuilds_an_eqx_nn_mlp(tmp_path):
+    """Seed 001 trains an `eqx.nn.MLP`; `load_model` must give it back from the metadata."""
+    from distributed import save_checkpoint
+    from distributed.trainer import _arch
+
+    m = eqx.nn.MLP(6, 4, 16, 2, activation=jax.nn.tanh, key=jax.random.key(1))
+    save_checkpoint(m, tmp_path / "m.eqx", metadata={"arch": _arch(m)})
+    m2, meta = load_model(tmp_path / "m.eqx")
+    assert meta["arch"]["activation"] == "tanh" and m2.activation is jax.nn.tanh
+    x = jnp.ones((6,))
+    np.testing.assert_array_equal(m(x), m2(x))

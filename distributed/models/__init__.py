@@ -22,7 +22,19 @@ from .transformer import TransformerLM as TransformerLM
 from .transformer import flops_per_token as flops_per_token
 from .transformer import lm_loss as lm_loss
 
-_REGISTRY = {"psf": PSFFieldModel, "mlp": MLP, "transformer": TransformerLM}
+def _eqx_mlp(*, key: PRNGKeyArray, activation: str = "relu", **kwargs: Any) -> eqx.nn.MLP:
+    """`eqx.nn.MLP` (as seed 001 uses it), its activation named by a `jax.nn` function."""
+    import jax
+
+    fn = getattr(jax.nn, activation, None)
+    if not callable(fn):
+        raise ValueError(f"eqx.nn.MLP activation {activation!r} is not a jax.nn function; "
+                         f"rebuild the model yourself and use load_checkpoint(template, path).")
+    return eqx.nn.MLP(activation=fn, key=key, **kwargs)
+
+
+_REGISTRY = {"psf": PSFFieldModel, "mlp": MLP, "transformer": TransformerLM,
+             "eqx.nn.MLP": _eqx_mlp}
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 """Names accepted by `build_model` (the "name" entry of an `arch()` dict)."""
 
@@ -51,4 +63,5 @@ def build_model(arch: dict[str, Any], *, key: PRNGKeyArray) -> eqx.Module:
         return _REGISTRY[name](key=key, **kwargs)
     except TypeError as e:  # unexpected or missing keyword
         raise ValueError(f"Bad arguments for model {name!r}: {e}. See the docstring of "
-                         f"{_REGISTRY[name].__name__} for its constructor arguments.") from e
+                         f"{getattr(_REGISTRY[name], '__name__', name)} for its constructor "
+                         f"arguments.") from e
