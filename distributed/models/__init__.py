@@ -22,6 +22,7 @@ from .transformer import TransformerLM as TransformerLM
 from .transformer import flops_per_token as flops_per_token
 from .transformer import lm_loss as lm_loss
 
+
 def _eqx_mlp(*, key: PRNGKeyArray, activation: str = "relu", **kwargs: Any) -> eqx.nn.MLP:
     """`eqx.nn.MLP` (as seed 001 uses it), its activation named by a `jax.nn` function."""
     import jax
