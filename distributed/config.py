@@ -79,6 +79,8 @@ class TrainConfig:
     restart_from_scratch: bool = _f(False, "Ignore (and replace) existing checkpoints.")
     force: bool = _f(False, "Reuse a workdir whose config.json differs from this run's.")
     log_every: int = _f(25, "Log metrics every N steps.")
+    tensorboard: bool = _f(False, "Also write TensorBoard event files to <workdir>/tensorboard "
+                           "(needs the `tensorboard` extra: tensorboardX).")
     progress: str = _f("auto", f"Progress display: one of {PROGRESS} (auto: bar on a TTY).")
     # -- reliability
     skip_nonfinite: bool = _f(True, "Skip updates whose loss or gradients are not finite.")
@@ -99,7 +101,8 @@ class TrainConfig:
         "workdir", "host_devices", "coordinator_address", "num_processes", "process_id",
         "init_timeout_s",
         "max_steps", "restart_from_scratch", "force", "log_every", "progress", "watchdog_s",
-        "async_checkpoint", "mesh", "sharding", "step_impl", "checkpoint_every", "max_to_keep",
+        "async_checkpoint", "tensorboard", "mesh", "sharding", "step_impl", "checkpoint_every",
+        "max_to_keep",
     )
 
 

@@ -106,6 +106,8 @@ def _setup(cfg: TrainConfig) -> dict[str, Any]:
     except (ValueError, CoordinatorError) as e:
         raise SetupError(str(e)) from None
     log.info(info.log_line())
+    if info.process_index != 0:  # one voice: only process 0 logs progress (warnings still show)
+        log.setLevel(logging.WARNING)
     is_main = info.process_index == 0
     workdir = _check_workdir(cfg, is_main)
     try:
@@ -192,7 +194,6 @@ def _train(cfg: TrainConfig, s: dict[str, Any]) -> int:
     from .data import DevicePrefetcher, make_dataset, steps_per_epoch
     from .fingerprint import params_sha256
     from .loop import run_loop
-    from .metrics import JsonlWriter
     from .recovery import RecoveryPolicy, TrainingDiverged
     from .sharding import batch_sharding
     from .state import init_state
@@ -257,7 +258,7 @@ def _train(cfg: TrainConfig, s: dict[str, Any]) -> int:
                 "val_loss": last.get("val_loss"), "config": cfg.to_dict(),
                 "arch": _arch(state.model)}
 
-    writer = _PhaseWriter(JsonlWriter(workdir / "metrics.jsonl"), plan, spe) \
+    writer = _PhaseWriter(_writers(cfg, workdir), plan, spe) \
         if s["is_main"] else None
     if stall is not None and stall[0] == "save":  # test hook, see distributed/watchdog.py
         save_fn = manager.save
@@ -340,6 +341,16 @@ def step_options(cfg: TrainConfig):
                        compute_dtype=None if cfg.compute_dtype == "float32"
                        else cfg.compute_dtype, skip_nonfinite=cfg.skip_nonfinite,
                        impl=cfg.step_impl)
+
+
+def _writers(cfg: TrainConfig, workdir: Path):
+    """metrics.jsonl, plus TensorBoard event files in ``workdir/tensorboard`` if asked for."""
+    from .metrics import JsonlWriter, MultiWriter, TensorBoardWriter
+
+    jsonl = JsonlWriter(workdir / "metrics.jsonl")
+    if not cfg.tensorboard:
+        return jsonl
+    return MultiWriter([jsonl, TensorBoardWriter(workdir / "tensorboard")])
 
 
 def _val_batch(task, cfg) -> int:

@@ -142,3 +142,22 @@ def test_workdir_with_a_different_run_is_refused(tmp_path):
     assert run_cli(f"--workdir={wd}", "--host_devices=8", *MLP, "--max_steps=2").returncode == 0
     p = run_cli(f"--workdir={wd}", "--host_devices=8", *MLP, "--seed=5")
     assert_one_line_error(p, "seed", "--force")
+
+
+def test_tensorboard_event_files(tmp_path):
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    wd = tmp_path / "run"
+    p = run_cli(f"--workdir={wd}", "--host_devices=8", *MLP, "--max_steps=4", "--tensorboard")
+    assert p.returncode == 0, p.stderr[-3000:]
+    (events,) = (wd / "tensorboard").iterdir()
+    data, i, tags = events.read_bytes(), 0, set()
+    while i < len(data):  # TFRecord framing: length, crc, event, crc
+        n = struct.unpack("Q", data[i:i + 8])[0]
+        ev = event_pb2.Event()
+        ev.ParseFromString(data[i + 12:i + 12 + n])
+        tags.update(v.tag for v in ev.summary.value)
+        i += 12 + n + 4
+    assert {"loss", "grad_norm", "lr", "goodput/step_s"} <= tags, tags
