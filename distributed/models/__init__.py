@@ -34,9 +34,9 @@ def _eqx_mlp(*, key: PRNGKeyArray, activation: str = "relu", **kwargs: Any) -> e
     return eqx.nn.MLP(activation=fn, key=key, **kwargs)
 
 
-_REGISTRY = {"psf": PSFFieldModel, "mlp": MLP, "transformer": TransformerLM,
-             "eqx.nn.MLP": _eqx_mlp}
+_REGISTRY = {"psf": PSFFieldModel, "mlp": MLP, "transformer": TransformerLM}
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+_REGISTRY["eqx.nn.MLP"] = _eqx_mlp  # also rebuildable (seed 001 trains one), not a model of ours
 """Names accepted by `build_model` (the "name" entry of an `arch()` dict)."""
 
 
