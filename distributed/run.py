@@ -106,8 +106,6 @@ def _setup(cfg: TrainConfig) -> dict[str, Any]:
     except (ValueError, CoordinatorError) as e:
         raise SetupError(str(e)) from None
     log.info(info.log_line())
-    if info.process_index != 0:  # one voice: only process 0 logs progress (warnings still show)
-        log.setLevel(logging.WARNING)
     is_main = info.process_index == 0
     workdir = _check_workdir(cfg, is_main)
     try:
