@@ -233,7 +233,8 @@ def general_train_cycle(model, train_data, val_data, training_hparams, key, *, m
         key: PRNG key (data shuffling and the state's key).
         mesh: device mesh (default: all devices, data parallel).
         loss_fn: ``(model, batch_tuple) -> loss`` replacing `total_loss` (then ``l2_param`` and
-            ``l1_rate`` are not used).
+            ``l1_rate`` are not used); also the validation loss, on the whole val set (else
+            the validation loss is the weighted masked MSE, the data term of `total_loss`).
         optimizers: ``{"param": tx, "nonparam": tx}`` replacing Adam (TF defaults) at
             ``lr_param`` / ``lr_nonparam``.
         **loop_options: passed to `run_loop` (callbacks, hooks, checkpoint_dir, recovery, ...).
@@ -288,7 +289,16 @@ def general_train_cycle(model, train_data, val_data, training_hparams, key, *, m
     data_it = DevicePrefetcher(iter(make_dataset(train, global_batch_size=h["batch_size"],
                                                  seed=seed, num_epochs=None)), mesh, size=2)
     val_step_fn = val_batches = None
-    if val is not None:
+    if val is not None and loss_fn is not None:  # the user's loss on the whole val set
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        n_val = len(val_data) if isinstance(val_data, (tuple, list)) else 5
+        val_tuple = jax.device_put(tuple(val[k] for k in PSF_KEYS[:n_val]),
+                                   NamedSharding(mesh, PartitionSpec()))
+        val_loss = eqx.filter_jit(loss_fn)
+        val_step_fn = lambda s, b, k: (s, {"loss": val_loss(s.model, b)})  # noqa: E731
+        val_batches = [val_tuple]
+    elif val is not None:
         val_step_fn, val_batches = _psf_validation(val, h["batch_size"], mesh, shardings.model,
                                                    make_eval_step)
     total_epochs = sum(p.epochs for p in plan)

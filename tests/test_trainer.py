@@ -213,3 +213,72 @@ def test_load_model_rebuilds_an_eqx_nn_mlp(tmp_path):
     assert meta["arch"]["activation"] == "tanh" and m2.activation is jax.nn.tanh
     x = jnp.ones((6,))
     np.testing.assert_array_equal(m(x), m2(x))
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"epochs": 0}, "epochs"), ({"batch_size": -1}, "batch_size"),
+    ({"optimizer": "adagrad"}, "optimizer"), ({"scheduler": "step"}, "scheduler"),
+    ({"learning_rate": 0.0}, "learning_rate"), ({"lr_reduction": 2.0}, "lr_reduction"),
+    ({"explosion_factor": 1.0}, "explosion_factor"), ({"loss": "nope"}, "loss"),
+    ({"huber_delta": 0.5}, "huber_delta"), ({"scheduler": "cosine_warm_restarts"}, "T0"),
+    ({"run_name": "../escape"}, "run_name"), ({"run_name": "/abs/path"}, "run_name"),
+    ({"run_name": "a/../../b"}, "run_name"), ({"run_name": "~/x"}, "run_name"),
+    ({"run_name": ""}, "run_name"),
+])
+def test_training_config_errors_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        TrainingConfig(**kwargs)
+
+
+def test_training_config_aliases_and_nested_run_name():
+    cfg = TrainingConfig(num_epochs=7, patience=3, validation_frequency=2, run_name="a/b")
+    assert (cfg.epochs, cfg.early_stopping_patience, cfg.validate_every) == (7, 3, 2)
+    assert TrainingConfig(scheduler_T0=5).scheduler == "cosine_warm_restarts"
+    assert TrainingConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_every_data_form_gives_the_same_arrays():
+    from types import SimpleNamespace
+
+    from distributed.trainer import as_arrays
+
+    x, y = _xy(32)
+    ref = as_arrays((x, y), "d")
+    forms = [{"x": x, "y": y}, [(x[:16], y[:16]), (x[16:], y[16:])],
+             [{"x": x[:16], "y": y[:16]}, {"x": x[16:], "y": y[16:]}],
+             [SimpleNamespace(x=a, y=b) for a, b in zip(x, y, strict=True)],
+             lambda: iter([(x[:16], y[:16]), (x[16:], y[16:])])]
+    for form in forms:
+        got = as_arrays(form, "d")
+        assert set(got) == {"x", "y"}
+        np.testing.assert_array_equal(got["x"], ref["x"])
+        np.testing.assert_array_equal(got["y"], ref["y"])
+    w = np.linspace(0, 1, 32, dtype=np.float32)
+    np.testing.assert_array_equal(as_arrays((x, y, w), "d")["weights"], w)
+    with pytest.raises(ValueError, match="same number"):
+        as_arrays((x, y, w[:3]), "train_data")
+    with pytest.raises(ValueError, match="'x' and 'y'"):
+        as_arrays({"inputs": x}, "train_data")
+
+
+def test_streamed_epochs_with_an_exploding_batch_roll_back_through_the_config():
+    from distributed.models import MLP
+
+    x, y = _xy(96)  # 64 to train on, 32 to validate
+    calls = []
+
+    def epoch_batches():  # called once to count the batches, then once per epoch
+        calls.append(1)
+        for i in range(0, 64, 16):
+            scale = 1e6 if (len(calls) == 3 and i == 32) else 1.0  # epoch 1, third batch
+            yield x[i:i + 16], y[i:i + 16] * scale
+
+    cfg = TrainingConfig(epochs=4, batch_size=16, learning_rate=1e-2, explosion_factor=10.0,
+                         lr_reduction=0.5, print_every=0)
+    model, history = Trainer(MLP(4, 2, 16, 1, key=jax.random.key(0)), cfg).train(
+        epoch_batches, (x[64:], y[64:]))
+    assert len(calls) == 5 and history.epochs_run == 4
+    assert history.lr_scale == pytest.approx(0.5)  # one rollback, learning rate halved
+    assert history.train_loss[1] > 1e6  # the exploded step is in that epoch's mean
+    assert np.isfinite(history.train_loss[-1]) and history.train_loss[-1] < history.train_loss[0]
+    assert history.val_loss[-1] < history.val_loss[0]
