@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
 from . import bcd
 from .config import TrainConfig, from_dict, result_fields
@@ -189,11 +188,11 @@ def _sync(name: str) -> None:
 
 def _train(cfg: TrainConfig, s: dict[str, Any]) -> int:
     from .checkpoint import CheckpointError, _Mismatch
+    from .cycle import PhaseStepFn
     from .data import DevicePrefetcher, make_dataset, steps_per_epoch
     from .fingerprint import params_sha256
     from .loop import run_loop
     from .recovery import RecoveryPolicy, TrainingDiverged
-    from .sharding import batch_sharding
     from .state import init_state
     from .step import TrainStep, make_eval_step
     from .watchdog import StallingIterator, maybe_stall
@@ -222,29 +221,17 @@ def _train(cfg: TrainConfig, s: dict[str, Any]) -> int:
     val_ds = make_dataset(task.val, global_batch_size=min(cfg.batch_size, _val_batch(task, cfg)),
                           seed=cfg.seed, shuffle=False, num_epochs=1)
     val_batches = lambda: DevicePrefetcher(iter(val_ds), mesh, size=2)
-    bsh = batch_sharding(mesh)
-    phase_state = {"phase": None}
+    # The CLI's L1 schedule counts epochs from the start of the run, not of each phase.
+    first_epoch = [b // spe for b in bcd.phase_boundaries(plan, spe)]
+    phase_fn = PhaseStepFn(step, plan, spe, shardings.model, mesh,
+                           extras=lambda p, e: task.batch_extras(first_epoch[p] + e))
 
     def train_step_fn(state, batch, key):
-        del key
-        host_step = phase_state.get("step")
-        if host_step is None:
-            host_step = int(jax.device_get(state.step))
-            phase_state["phase"] = int(jax.device_get(state.phase))
-        p = bcd.phase_at(plan, host_step, spe)
-        if p != phase_state["phase"]:
-            state = _enter_phase(state, plan, phase_state["phase"], p, shardings)
-            phase_state["phase"] = p
-            log.info("phase %d/%d: %s (blocks %s) from step %d", p + 1, len(plan), plan[p].name,
-                     ",".join(plan[p].blocks), host_step)
-        extras = task.batch_extras(host_step // spe)
-        if extras:
-            n = cfg.batch_size
-            batch = dict(batch, **{k: jax.device_put(np.full((n,), v, np.float32), bsh)
-                                   for k, v in extras.items()})
-        phase_state["step"] = host_step + 1
-        maybe_stall("step", host_step + 1, stall)
-        return step(state, batch, plan[p].blocks)
+        if stall is not None:  # test hook, see distributed/watchdog.py
+            done = phase_fn.host_step
+            maybe_stall("step", (int(jax.device_get(state.step)) if done is None else done) + 1,
+                        stall)
+        return phase_fn(state, batch, key)
 
     def val_step_fn(state, batch, key):
         return state, evaluate(state.model, batch)
@@ -360,21 +347,6 @@ def _val_batch(task, cfg) -> int:
 def _arch(model) -> dict | None:
     fn = getattr(model, "arch", None)
     return fn() if callable(fn) else None
-
-
-def _enter_phase(state, plan, previous, current, shardings):
-    import dataclasses
-
-    import jax.numpy as jnp
-
-    from .sharding import shard
-
-    prev = -1 if previous is None else previous
-    model = bcd.enter_phase(state.model, plan, prev, current)
-    if model is not state.model:
-        model = shard(model, shardings.model)
-    phase = jax.device_put(jnp.asarray(current, jnp.int32), state.phase.sharding)
-    return dataclasses.replace(state, model=model, phase=phase)
 
 
 class _PhaseWriter:
