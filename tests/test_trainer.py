@@ -58,14 +58,19 @@ def test_trainer_same_history_on_8_devices_and_on_1(tmp_path):
     assert meta["training"]["epoch"] == h8.best_epoch + 1  # "trained for N epochs" (seed 001)
 
 
-def test_early_stopping_stops_at_the_right_epoch_and_restores_best():
+def _mlp_system(sizes, tx):
+    """An MLP TrainState on a data:8 mesh and its one-block TrainStep."""
     mesh = make_mesh("data:8")
-    opts = {"all": optax.sgd(1e-2)}
-    state, sh = init_state(lambda: TinyMLP((4, 8, 2), key=jax.random.key(0)), opts,
-                           lambda m: {"all": bcd.complete_filter(m)}, key=jax.random.key(0),
-                           mesh=mesh)
-    step = TrainStep(mse, opts, {"all": bcd.complete_filter(state.model)}, mesh=mesh,
-                     state_shardings=sh)
+    opts = {"all": tx}
+    blocks_fn = lambda m: {"all": bcd.complete_filter(m)}  # noqa: E731
+    state, sh = init_state(lambda: TinyMLP(sizes, key=jax.random.key(0)), opts, blocks_fn,
+                           key=jax.random.key(0), mesh=mesh)
+    return mesh, state, TrainStep(mse, opts, blocks_fn(state.model), mesh=mesh,
+                                  state_shardings=sh)
+
+
+def test_early_stopping_stops_at_the_right_epoch_and_restores_best():
+    mesh, state, step = _mlp_system((4, 8, 2), optax.sgd(1e-2))
     data = regression_data(64)
     batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in data.items()}
     curve = iter([5.0, 4.0, 3.0, 3.5, 3.2, 3.1, 2.0, 1.0])  # best at epoch 2, patience 3
@@ -84,13 +89,7 @@ def test_early_stopping_stops_at_the_right_epoch_and_restores_best():
 
 
 def _guarded_run(batches, policy):
-    mesh = make_mesh("data:8")
-    opts = {"all": optax.adam(1e-2)}
-    state, sh = init_state(lambda: TinyMLP((4, 16, 2), key=jax.random.key(0)), opts,
-                           lambda m: {"all": bcd.complete_filter(m)}, key=jax.random.key(0),
-                           mesh=mesh)
-    step = TrainStep(mse, opts, {"all": bcd.complete_filter(state.model)}, mesh=mesh,
-                     state_shardings=sh)
+    mesh, state, step = _mlp_system((4, 16, 2), optax.adam(1e-2))
     put = lambda d: {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in d.items()}
     seen = []
 
