@@ -1,14 +1,18 @@
 """Checkpoint cost: how long an asynchronous save blocks training, and what it does to throughput.
 
 1. **Blocking vs synchronous**, for growing states (an MLP + Adam `TrainState` of ~1, 10, 50,
-   200 MB; the CLI's mesh ``data:-1``): the seconds `CheckpointManager.save` blocks its caller
+   200 MB, built by `distributed.engine.build`; the CLI's mesh ``data:-1``): the seconds
+   `CheckpointManager.save` blocks its caller
    with ``async_save=True`` (device -> host copies and dispatch; the write continues in the
    background) against the seconds a synchronous save (``async_save=False``) takes, repetitions
    interleaved. Target: blocking <= 5% of the synchronous save.
 2. **Throughput with checkpoints**: the default command-line job (PSF model, complete cycle,
-   12 epochs per phase, `run_loop` + `TrainStep` + Grain) with an asynchronous checkpoint every
-   ``every`` steps (the CLI default, 100) against no checkpoints, runs interleaved, the final
-   commit wait included, warm-up runs (compiles, first save) excluded. Target: >= 97%.
+   12 epochs per phase; its engine from the CLI's assembly, ``make_task`` + ``build_engine``:
+   `run_loop` + `PhaseStep`/`TrainStep` + Grain) with an asynchronous checkpoint every
+   ``every`` steps (the CLI default, 100; a `Checkpointer` over a `CheckpointManager` made with
+   the CLI's settings, saving the data position too) against no checkpoints, runs interleaved,
+   each on a fresh engine reusing the first one's compiled step, the final commit wait
+   included, warm-up runs (compiles, first save) excluded. Target: >= 97%.
 
     python benchmarks/checkpoint.py [--quick] [--devices=8] [--widths=288,912,2040,4080]
 """
@@ -49,15 +53,10 @@ def mlp_state(width: int, mesh):
     import jax
     import numpy as np
 
-    from distributed import bcd
-    from distributed.models import MLP
-    from distributed.optim import OptimizerConfig, make_optimizer
-    from distributed.state import init_state
+    from distributed.engine import build
 
-    state, _ = init_state(lambda: MLP(8, 2, width, 2, key=jax.random.key(0)),
-                          {"all": make_optimizer(OptimizerConfig())},
-                          lambda m: {"all": bcd.complete_filter(m)},
-                          key=jax.random.key(1), mesh=mesh)
+    state = build(common.mlp_task(width, 2), mesh=mesh, batch_size=64, seed=0,
+                  key=jax.random.key(1), with_data=False).state
     rng = np.random.default_rng(0)
 
     def fill(x):
@@ -102,7 +101,7 @@ def time_saves(managers: dict, state, reps: int) -> dict[str, list[float]]:
 
 def blocking_vs_sync(cfg: Config, root: Path) -> list[dict]:
     from distributed.checkpoint import CheckpointManager
-    from distributed.mesh import make_mesh
+    from distributed.core.mesh import make_mesh
 
     mesh = make_mesh("data:-1")
     out = []
@@ -129,37 +128,33 @@ def blocking_vs_sync(cfg: Config, root: Path) -> list[dict]:
 
 
 def throughput(cfg: Config, root: Path) -> dict:
-    import jax
-
     from distributed.checkpoint import CheckpointManager
-    from distributed.config import TrainConfig
-    from distributed.loop import run_loop
+    from distributed.cli.config import TrainConfig
+    from distributed.loop import Checkpointer
 
     e = cfg.epochs_per_phase
     tcfg = TrainConfig(model=cfg.model, epochs_param=e, epochs_nonparam=e, epochs_complete=e,
-                       epochs=3 * e, n_val=8, n_test=8, progress="none")
-    warm = common.build_system(dataclasses.replace(tcfg, epochs_param=1, epochs_nonparam=1,
-                                                   epochs_complete=1, epochs=1))
+                       epochs=3 * e, n_val=8, n_test=8, checkpoint_every=cfg.every,
+                       progress="none")
+    engines = common.Engines(tcfg)  # the first run's TrainStep serves every later run
     counter = {"n": 0}
 
     def train(every: int) -> float:
-        system = common.build_system(tcfg, mesh=warm.mesh, step=warm.step)
-        data = common.system_data(system)
-        manager = None
-        if every:
+        engine = engines.new()
+        ckpt = None
+        if every:  # as the CLI makes them (its metadata left out)
             counter["n"] += 1
-            manager = CheckpointManager(root / f"train_{counter['n']}", max_to_keep=3)
+            manager = CheckpointManager(root / f"train_{counter['n']}",
+                                        max_to_keep=tcfg.max_to_keep,
+                                        async_save=tcfg.async_checkpoint)
+            ckpt = Checkpointer(manager, every_steps=every, data_iterator=engine.data)
         t = time.perf_counter()
-        state, result = run_loop(system.state, common.phase_step_fn(system), data_iterator=data,
-                                 num_epochs=common.total_epochs(system), num_batches=system.spe,
-                                 checkpoint_manager=manager, checkpoint_every=0,
-                                 checkpoint_every_steps=every, show_progress=False,
-                                 log_every=system.cfg.log_every)
-        jax.block_until_ready(state)  # run_loop has already waited for the last commit
+        # run_loop commits (waits for) the last save before returning
+        _, result = common.run_engine(engine, checkpointer=ckpt, log_every=tcfg.log_every)
         elapsed = time.perf_counter() - t
-        data.close()
-        if manager is not None:
-            manager.close()
+        engine.data.close()
+        if ckpt is not None:
+            ckpt.manager.close()
         train.steps = result.final_step
         return elapsed
 

@@ -1,5 +1,6 @@
 """Shared pieces of the benchmarks: flags -> dataclass config, simulated devices, timing,
-machine info, the CLI's training wiring, and the single JSON line each benchmark prints.
+machine info, the training system built by the CLI's own assembly (``make_task`` +
+``build_engine``), and the single JSON line each benchmark prints.
 
 Every benchmark is one command, ``python benchmarks/X.py [--quick] [--devices=N] [--field=v]``:
 ``--devices=N`` simulates N CPU devices (it must take effect before jax starts, so `parse` runs
@@ -200,99 +201,92 @@ class CompileCounter:
             jax.monitoring.unregister_event_duration_listener(self._fn)
 
 
-# ------------------------------------------------------------------------------ the CLI's wiring
-@dataclasses.dataclass
-class System:
-    """The pieces `distributed.run` builds for one run: task, mesh, state, step, data."""
+# ------------------------------------------------------------------------------ the CLI's assembly
+def make_engine(cfg, mesh=None, run_task=None, **kwargs):
+    """The training system of a command-line run of ``cfg`` (a `TrainConfig`), built by the
+    CLI's own assembly: ``make_task(cfg)`` -> ``build_engine(cfg, run_task, mesh, **kwargs)``.
 
-    cfg: Any  # distributed.config.TrainConfig
-    task: Any
-    mesh: Any
-    state: Any
-    shardings: Any
-    step: Any  # distributed.step.TrainStep
-    blocks: dict
-    spe: int  # steps per epoch
-
-
-def build_system(cfg, mesh=None, step=None) -> System:
-    """Task, mesh, sharded state and `TrainStep` exactly as ``distributed.run`` wires them.
-
-    Pass ``step`` (a `TrainStep` built for the same task and mesh) to reuse its compile cache.
+    ``mesh`` defaults to ``make_mesh(cfg.mesh)``; pass ``run_task`` to skip rebuilding the task
+    (its data) for another engine of the same config. The engine's ``data`` is a live
+    `DevicePrefetcher`: close it when done.
     """
-    import jax
-
-    from distributed.data import steps_per_epoch
-    from distributed.mesh import make_mesh
-    from distributed.run import step_options
-    from distributed.state import init_state
-    from distributed.step import TrainStep
-    from distributed.tasks import make_task
+    from distributed.cli.run import build_engine
+    from distributed.cli.tasks import make_task
+    from distributed.core.mesh import make_mesh
 
     mesh = make_mesh(cfg.mesh) if mesh is None else mesh
-    task = make_task(cfg)
-    state, shardings = init_state(task.model_fn, task.optimizers, task.blocks_fn,
-                                  key=jax.random.key(cfg.seed), mesh=mesh, strategy=cfg.sharding)
-    blocks = task.blocks_fn(state.model)
-    if step is None:
-        step = TrainStep(task.loss_fn, task.optimizers, blocks, mesh=mesh,
-                         state_shardings=shardings, options=step_options(cfg))
-    n_train = len(next(iter(task.train.values())))
-    return System(cfg, task, mesh, state, shardings, step, blocks,
-                  steps_per_epoch(n_train, cfg.batch_size))
+    return build_engine(cfg, make_task(cfg) if run_task is None else run_task, mesh, **kwargs)
 
 
-def phase_step_fn(sys_: System, state_holder: dict | None = None):
-    """``train_step_fn(state, batch, key)`` for `run_loop`, switching BCD phases on the host
-    step counter and applying the first-run rule, as ``distributed.run`` does."""
-    import dataclasses as dc
+class Engines:
+    """Fresh engines (state, input pipeline, phase-following step) of one run config on one
+    mesh, all training with the compiled `TrainStep` of the first one, so that repetitions of a
+    run compile nothing: every `new` engine is a CLI run's engine (`make_engine`) built with
+    the first engine's `TrainStep` (``build(..., train_step=)``: same config and mesh, hence the
+    same loss, optimizers, blocks, shardings and options).
+    """
 
+    def __init__(self, cfg, mesh=None):
+        from distributed.cli.tasks import make_task
+        from distributed.core.mesh import make_mesh
+
+        self.cfg = cfg
+        self.mesh = make_mesh(cfg.mesh) if mesh is None else mesh
+        self.run_task = make_task(cfg)
+        self.train_step = None
+
+    def new(self):
+        engine = make_engine(self.cfg, self.mesh, self.run_task, train_step=self.train_step)
+        self.train_step = engine.train_step
+        return engine
+
+
+def run_engine(engine, checkpointer=None, log_every: int = 25):
+    """Train ``engine`` to its end as ``python -m distributed.train`` does (`run_loop` over its
+    ``step_fn``, ``data`` and ``clock``), without validation, writers or progress display.
+    Returns ``(state, LoopResult)`` with the state ready (blocked on)."""
     import jax
-    import jax.numpy as jnp
-    import numpy as np
 
-    from distributed import bcd
-    from distributed.sharding import batch_sharding, shard
+    from distributed.loop import run_loop
 
-    plan, spe, cfg = sys_.task.plan, sys_.spe, sys_.cfg
-    bsh = batch_sharding(sys_.mesh)
-    st = state_holder if state_holder is not None else {}
-    st.setdefault("phase", None)
-    st.setdefault("step", 0)
+    state, result = run_loop(engine.state, engine.step_fn, data_iterator=engine.data,
+                             num_epochs=engine.total_epochs, clock=engine.clock,
+                             checkpointer=checkpointer, show_progress=False,
+                             log_every=log_every)
+    jax.block_until_ready(state)
+    return state, result
 
-    def fn(state, batch, key):
-        del key
-        host_step = st["step"]
-        p = bcd.phase_at(plan, host_step, spe)
-        if p != st["phase"]:
-            prev = -1 if st["phase"] is None else st["phase"]
-            model = bcd.enter_phase(state.model, plan, prev, p)
-            if model is not state.model:
-                model = shard(model, sys_.shardings.model)
-            phase = jax.device_put(jnp.asarray(p, jnp.int32), state.phase.sharding)
-            state = dc.replace(state, model=model, phase=phase)
-            st["phase"] = p
-        extras = sys_.task.batch_extras(host_step // spe)
-        if extras:
-            batch = dict(batch, **{k: jax.device_put(np.full((cfg.batch_size,), v, np.float32),
-                                                     bsh) for k, v in extras.items()})
-        st["step"] = host_step + 1
-        return sys_.step(state, batch, plan[p].blocks)
+
+def scalar_loss(loss_fn: Callable) -> Callable:
+    """``(model, batch) -> scalar`` from a task's loss (which may return a `Ratio` and an aux
+    dict): the plain loss a hand-written step differentiates."""
+    from distributed import Ratio
+
+    def fn(model, batch):
+        out = loss_fn(model, batch)
+        if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping):
+            out = out[0]
+        return out.value() if isinstance(out, Ratio) else out
 
     return fn
 
 
-def total_epochs(sys_: System) -> int:
-    return sum(p.epochs for p in sys_.task.plan)
+def mlp_task(width: int, depth: int, rows: int = 64):
+    """An engine `Task` of MLP(8 -> width x depth -> 2) + Adam (one block, ``"all"``) on the
+    CLI's tabular data: the states of the checkpoint and memory benchmarks."""
+    import jax
 
+    from distributed.cli.tasks import tabular_data
+    from distributed.core import bcd
+    from distributed.core.losses import mse_loss
+    from distributed.core.optim import OptimizerConfig, make_optimizer
+    from distributed.engine import Task
+    from distributed.models import MLP
 
-def system_data(sys_: System, prefetch: int = 2):
-    """The CLI's training input: Grain dataset of global batches + `DevicePrefetcher`."""
-    from distributed.data import DevicePrefetcher, make_dataset
-
-    ds = make_dataset(sys_.task.train, global_batch_size=sys_.cfg.batch_size,
-                      seed=sys_.cfg.seed, num_epochs=None)
-    return DevicePrefetcher(iter(ds), sys_.mesh, size=prefetch)
+    return Task(model=lambda: MLP(8, 2, width, depth, key=jax.random.key(0)),
+                loss_fn=lambda m, b: mse_loss(m(b["x"]), b["y"], as_ratio=True),
+                train=tabular_data(rows, 0), plan=bcd.single_phase_plan(1),
+                optimizers={"all": make_optimizer(OptimizerConfig())})
 
 
 def block(tree: Any) -> Any:

@@ -1,12 +1,13 @@
 """Input pipeline throughput, and the share of training wall time spent waiting for data.
 
-1. **Pipeline alone**: the CLI's Grain dataset of the embedded star field (shuffled, batched,
-   sliced per process) iterated with no training: host batches/s and samples/s; then the same
-   through `DevicePrefetcher` (host batch -> global sharded `jax.Array`), blocking on the last;
-   and `to_global` alone on one host batch (the host -> device share of the cost).
-2. **Data wait in training**: the default command-line job (``distributed.run.run`` with the
-   default `TrainConfig`, fewer epochs), whose goodput `Ledger` times every wait on the input
-   iterator: ``data_wait_s / wall_s`` from its summary.json (target <= 1%), also reported
+1. **Pipeline alone**: the CLI's Grain dataset of the embedded star field (the task of
+   ``make_task``; shuffled, batched, sliced per process, made as the engine makes it) iterated
+   with no training: host batches/s and samples/s; then the same through `DevicePrefetcher`
+   (host batch -> global sharded `jax.Array`, the engine's ``data``), blocking on the last; and
+   `to_global` alone on one host batch (the host -> device share of the cost).
+2. **Data wait in training**: the default command-line job (``distributed.cli.run.run`` with
+   the default `TrainConfig`, fewer epochs), whose goodput `Ledger` times every wait on the
+   input iterator: ``data_wait_s / wall_s`` from its summary.json (target <= 1%), also reported
    against the wall time less compilation (the stricter figure).
 
     python benchmarks/data.py [--quick] [--devices=8]
@@ -45,17 +46,22 @@ QUICK = dict(batches=50, reps=1, n_train=128, train_model="mlp", train_epochs_pe
 def pipeline_throughput(cfg: Config) -> dict:
     import jax
 
-    from distributed.config import TrainConfig
+    from distributed.cli.config import TrainConfig
+    from distributed.cli.tasks import make_task
+    from distributed.core.mesh import make_mesh
     from distributed.data import DevicePrefetcher, make_dataset, to_global
-    from distributed.mesh import make_mesh
-    from distributed.tasks import make_task
 
-    task = make_task(TrainConfig(n_train=cfg.n_train, n_val=8, n_test=8))
-    mesh = make_mesh("data:-1")
+    tcfg = TrainConfig(n_train=cfg.n_train, n_val=8, n_test=8, batch_size=cfg.batch_size)
+    task = make_task(tcfg).task
+    mesh = make_mesh(tcfg.mesh)
     bytes_per_batch = sum(v[0].nbytes for v in task.train.values()) * cfg.batch_size
 
+    def dataset():  # as `distributed.engine.build` makes the engine's input
+        return make_dataset(task.train, global_batch_size=cfg.batch_size, seed=tcfg.seed,
+                            mesh=mesh)
+
     def host_only():
-        it = iter(make_dataset(task.train, global_batch_size=cfg.batch_size, seed=0))
+        it = iter(dataset())
         next(it)  # start-up (threads, first read) is not throughput
         t = time.perf_counter()
         for _ in range(cfg.batches):
@@ -63,8 +69,7 @@ def pipeline_throughput(cfg: Config) -> dict:
         return time.perf_counter() - t
 
     def to_device():
-        it = DevicePrefetcher(iter(make_dataset(task.train, global_batch_size=cfg.batch_size,
-                                                seed=0)), mesh, size=cfg.prefetch)
+        it = DevicePrefetcher(iter(dataset()), mesh, size=cfg.prefetch)
         next(it)
         t = time.perf_counter()
         batch = None
@@ -75,7 +80,7 @@ def pipeline_throughput(cfg: Config) -> dict:
         it.close()
         return elapsed
 
-    host_batch = next(iter(make_dataset(task.train, global_batch_size=cfg.batch_size, seed=0)))
+    host_batch = next(iter(dataset()))
 
     def transfer_only():  # to_global alone: host batch -> sharded global arrays
         t = time.perf_counter()
@@ -98,8 +103,8 @@ def pipeline_throughput(cfg: Config) -> dict:
 
 
 def training_wait(cfg: Config) -> dict:
-    from distributed.config import TrainConfig
-    from distributed.run import run
+    from distributed.cli.config import TrainConfig
+    from distributed.cli.run import run
 
     runs = []
     for i in range(cfg.train_runs):

@@ -1,15 +1,18 @@
 """Memory scaling of FSDP, and compile counts across BCD phase switches.
 
 1. **Bytes per device** of parameters + optimizer state (the `TrainState`'s ``model`` and
-   ``opt_state``, measured with `distributed.sharding.addressable_bytes` on the first device)
-   under ``--sharding=replicate`` vs ``--sharding=fsdp`` on an ``fsdp:N`` mesh for N = 1..8
-   devices: an MLP whose widths divide by every N (840 = lcm(1..8)), and the default PSF model
-   (whose 32x32 maps split only over N in {1, 2, 4, 8}). Target: FSDP <= (1/N + 5%) of
-   replicated.
-2. **Compiles per step kind**: the default PSF job's `TrainStep` driven through two full
-   ``complete`` BCD cycles (param -> nonparam -> complete -> param -> ...), with the first-run
-   rule, counting traces per step kind (`TrainStep.trace_counts`) and XLA compilations after
-   each kind's first step. Target: exactly one trace per kind, no compilation afterwards.
+   ``opt_state``, measured with `distributed.core.sharding.addressable_bytes` on the first
+   device) under ``--sharding=replicate`` vs ``--sharding=fsdp`` on an ``fsdp:N`` mesh for
+   N = 1..8 devices, each state built by the engine assembly (`distributed.engine.build`; for
+   PSF the CLI's ``make_task`` + ``build_engine``): an MLP whose widths divide by every N
+   (840 = lcm(1..8)), and the default PSF model (whose 32x32 maps split only over N in
+   {1, 2, 4, 8}). Target: FSDP <= (1/N + 5%) of replicated.
+2. **Compiles per step kind**: the default PSF job's engine (``make_task`` + ``build_engine``,
+   one epoch per phase) whose phase-following step (`PhaseStep`, with the first-run rule) is
+   driven through two full ``complete`` BCD cycles (param -> nonparam -> complete -> param
+   -> ...) by the host step counter, counting traces per step kind
+   (``engine.train_step.trace_counts``) and XLA compilations after each kind's first step.
+   Target: exactly one trace per kind, no compilation afterwards.
 
     python benchmarks/scaling.py [--quick] [--devices=8]
 """
@@ -37,35 +40,43 @@ QUICK = dict(device_counts="1,2,4,8", mlp_width=168, cycles=2, steps_per_phase=1
 
 
 def per_device_bytes(cfg: Config) -> list[dict]:
+    import dataclasses as dc
+
     import jax
 
-    from distributed import bcd
-    from distributed.config import TrainConfig
-    from distributed.mesh import make_mesh
-    from distributed.models import MLP
-    from distributed.optim import OptimizerConfig, make_optimizer
-    from distributed.sharding import addressable_bytes
-    from distributed.state import init_state
-    from distributed.tasks import make_task
+    from distributed.cli.config import TrainConfig
+    from distributed.cli.run import build_engine
+    from distributed.cli.tasks import make_task
+    from distributed.core.mesh import make_mesh
+    from distributed.core.sharding import addressable_bytes
+    from distributed.engine import build
 
-    psf = make_task(TrainConfig(n_train=64, n_val=8, n_test=8))
-    models = {
-        "mlp": (lambda: MLP(8, 2, cfg.mlp_width, cfg.mlp_depth, key=jax.random.key(0)),
-                {"all": make_optimizer(OptimizerConfig())},
-                lambda m: {"all": bcd.complete_filter(m)}),
-        "psf": (psf.model_fn, psf.optimizers, psf.blocks_fn),
-    }
+    psf_cfg = TrainConfig(n_train=64, n_val=8, n_test=8)
+    psf = make_task(psf_cfg)
+    mlp = common.mlp_task(cfg.mlp_width, cfg.mlp_depth)
+
+    def state(name, mesh, strategy, batch):
+        if name == "psf":  # the CLI's engine, with --sharding=strategy
+            engine = build_engine(dc.replace(psf_cfg, sharding=strategy, batch_size=batch),
+                                  psf, mesh)
+            engine.data.close()
+        else:
+            engine = build(mlp, mesh=mesh, batch_size=batch, seed=0, key=jax.random.key(0),
+                           strategy=strategy, with_data=False)
+        return engine.state
+
     rows = []
     for n in (int(x) for x in cfg.device_counts.split(",")):
         if n > jax.device_count():
             continue
         mesh = make_mesh(f"fsdp:{n}", devices=jax.devices()[:n])
-        for name, (model_fn, opts, blocks_fn) in models.items():
+        batch = n * (64 // n)  # the batch must split over the n shards (it sizes no state)
+        for name in ("mlp", "psf"):
             got = {}
             for strategy in ("replicate", "fsdp"):
-                state, _ = init_state(model_fn, opts, blocks_fn, key=jax.random.key(0),
-                                      mesh=mesh, strategy=strategy)
-                got[strategy] = addressable_bytes((state.model, state.opt_state))
+                st = state(name, mesh, strategy, batch)
+                got[strategy] = addressable_bytes((st.model, st.opt_state))
+                del st
             frac = got["fsdp"] / got["replicate"]
             rows.append({"model": name, "devices": n, "replicate_bytes": got["replicate"],
                          "fsdp_bytes": got["fsdp"], "fsdp_fraction": round(frac, 4),
@@ -76,29 +87,29 @@ def per_device_bytes(cfg: Config) -> list[dict]:
 
 def compile_counts(cfg: Config) -> dict:
     import jax
-    import numpy as np
 
-    from distributed.config import TrainConfig
-    from distributed.data import to_global
+    from distributed.cli.config import TrainConfig
+    from distributed.core.bcd import phase_boundaries
 
-    system = common.build_system(TrainConfig(n_train=64, n_val=8, n_test=8, batch_size=64))
-    plan, spe = system.task.plan, system.spe
-    plan = tuple(dataclasses.replace(p, epochs=1) for p in plan)  # one "epoch" per phase
-    system.task.plan = plan
-    host = {k: np.asarray(v[:64]) for k, v in system.task.train.items()}
-    batch = to_global(host, system.mesh)
-    position: dict = {}  # the host step counter that drives the phase (as in the CLI)
-    step_fn = common.phase_step_fn(system, position)
+    # One "epoch" (one step: 64 examples, batch 64) per phase.
+    engine = common.make_engine(TrainConfig(n_train=64, n_val=8, n_test=8, batch_size=64,
+                                            epochs_param=1, epochs_nonparam=1,
+                                            epochs_complete=1))
+    plan, step_fn = engine.plan, engine.step_fn
+    bounds = phase_boundaries(plan, engine.clock)
+    batch = next(engine.data)
+    engine.data.close()
     counter = common.CompileCounter()
-    state, events = system.state, []
+    state, events = engine.state, []
     try:
         for cycle in range(cfg.cycles):
             for i, phase in enumerate(plan):
                 kind = "+".join(phase.blocks)
                 for j in range(cfg.steps_per_phase):
                     before = counter.count
-                    position["step"] = i * spe + min(j, spe - 1)  # the plan's phase i
-                    state, metrics = step_fn(state, batch, None)
+                    # the host step counter drives the phase, as in the CLI: plan phase i
+                    host_step = bounds[i] + min(j, bounds[i + 1] - bounds[i] - 1)
+                    state, metrics = step_fn(state, batch, None, step=host_step)
                     jax.block_until_ready(metrics["loss"])
                     events.append({"cycle": cycle, "phase": kind, "step_in_phase": j,
                                    "compiles": counter.count - before})
@@ -109,7 +120,7 @@ def compile_counts(cfg: Config) -> dict:
         first.setdefault((e["cycle"], e["phase"]), e["compiles"])
     later = sum(e["compiles"] for e in events if e["step_in_phase"] > 0)
     revisit = sum(e["compiles"] for e in events if e["cycle"] > 0)
-    traces = {"+".join(k): v for k, v in system.step.trace_counts.items()}
+    traces = {"+".join(k): v for k, v in engine.train_step.trace_counts.items()}
     kinds = sorted({"+".join(p.blocks) for p in plan})
     ok = all(traces.get(k) == 1 for k in kinds) and len(traces) == len(kinds) and \
         later == 0 and revisit == 0

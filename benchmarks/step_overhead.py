@@ -2,11 +2,12 @@
 
 Both steps train the same model from the same initial state on the same device-resident batch,
 with the same per-block optimizers, mesh, parameter/optimizer shardings, batch sharding and
-buffer donation. The system step is called exactly as the command line calls it
-(``step(state, batch, active_blocks)``, with the CLI's `StepOptions`: non-finite guard on,
-metrics returned as device scalars); the baseline is the ~15 lines a JAX user would write:
-``jax.jit(step, in_shardings=..., out_shardings=..., donate_argnums=(0, 1))`` returning
-``(params, opt_state, loss)``.
+buffer donation. The system step is the `TrainStep` of the command line's own assembly
+(``make_task`` + ``build_engine``: the CLI's `StepOptions`, non-finite guard on, metrics
+returned as device scalars), called as the CLI's phase-following step calls it,
+``train_step(state, batch, active_blocks)``; the baseline is the ~15 lines a JAX user would
+write: ``jax.jit(step, in_shardings=..., out_shardings=..., donate_argnums=(0, 1))`` returning
+``(params, opt_state, loss)``, differentiating the task's loss as a plain scalar.
 
 Repetitions are interleaved (system, baseline, baseline, system, ...), each repetition times
 ``steps_per_rep`` back-to-back steps ending with ``block_until_ready``; warm-up (compilation)
@@ -29,7 +30,7 @@ import common
 
 @dataclasses.dataclass
 class Config:
-    models: str = "psf,mlp"  # tasks of distributed.tasks (the CLI's --model)
+    models: str = "psf,mlp"  # tasks of distributed.cli.tasks (the CLI's --model)
     meshes: str = "dp,fsdp"  # dp = data:-1 (params replicated), fsdp = fsdp:-1 (sharded)
     batch_size: int = 64  # global batch (the CLI default)
     steps_per_rep: int = 10
@@ -46,16 +47,17 @@ QUICK = dict(models="mlp", steps_per_rep=3, reps=2, warmup=2)
 MESHES = {"dp": "data:-1", "fsdp": "fsdp:-1"}
 
 
-def baseline_step(task, blocks, active, shardings, mesh):
+def baseline_step(loss_fn, optimizers, blocks, active, shardings, mesh):
     """The hand-written jitted step over (model arrays, optimizer states)."""
     import equinox as eqx
     import jax
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from distributed.bcd import union
-    from distributed.sharding import batch_sharding
+    from distributed.core.bcd import union
+    from distributed.core.sharding import batch_sharding
 
+    loss_fn = common.scalar_loss(loss_fn)
     mask = union(*(blocks[b] for b in active))
     is_sh = lambda x: isinstance(x, NamedSharding)  # noqa: E731
     model_sh = eqx.filter(shardings.model, is_sh)
@@ -66,10 +68,10 @@ def baseline_step(task, blocks, active, shardings, mesh):
             model = eqx.combine(params, static)
             diff, frozen = eqx.partition(model, mask)
             loss, grads = jax.value_and_grad(
-                lambda d: task.loss_fn(eqx.combine(d, frozen), batch)[0])(diff)
+                lambda d: loss_fn(eqx.combine(d, frozen), batch))(diff)
             opt_state = dict(opt_state)
             for b in active:
-                updates, opt_state[b] = task.optimizers[b].update(
+                updates, opt_state[b] = optimizers[b].update(
                     eqx.filter(grads, blocks[b]), opt_state[b], eqx.filter(model, blocks[b]))
                 model = eqx.apply_updates(model, updates)
             return eqx.filter(model, eqx.is_array), opt_state, loss
@@ -86,28 +88,31 @@ def one_case(cfg: Config, model: str, mesh_name: str) -> dict:
     import jax
     import numpy as np
 
-    from distributed.config import TrainConfig
-    from distributed.data import to_global
+    from distributed.cli.config import TrainConfig
+    from distributed.cli.tasks import make_task
+    from distributed.core.mesh import make_mesh
 
     tcfg = TrainConfig(model=model, mesh=MESHES[mesh_name], batch_size=cfg.batch_size,
                        n_train=cfg.batch_size, n_val=8, n_test=8)
-    system = common.build_system(tcfg)
-    task, blocks = system.task, system.blocks
+    run_task, mesh = make_task(tcfg), make_mesh(tcfg.mesh)
+    # Three engines of the same run: the same initial state three times (the system's, the
+    # baseline's and the compiled-function variant's). Only the first one's step is used.
+    system, ref, comp = (common.make_engine(tcfg, mesh, run_task) for _ in range(3))
+    step, blocks = system.train_step, system.blocks
     active = tuple(blocks)  # all blocks: the complete phase (psf) / plain training (mlp)
-    host = {k: np.asarray(v[: cfg.batch_size]) for k, v in task.train.items()}
-    batch = to_global(host, system.mesh)
+    batch = next(system.data)  # one global batch of the CLI's pipeline (n_train = batch_size)
+    for e in (system, ref, comp):
+        e.data.close()
 
-    # Two identical states: the system's TrainState and the baseline's (params, opt_state).
     sys_state = system.state
-    ref = common.build_system(tcfg, step=system.step).state
-    model_static = eqx.filter(ref.model, lambda x: not eqx.is_array(x))
-    base_params = eqx.filter(ref.model, eqx.is_array)
-    base_opt = eqx.filter(ref.opt_state, eqx.is_array)
-    base_fn = baseline_step(task, blocks, active, system.shardings, system.mesh)(model_static)
-    fn, static = system.step.compiled(sys_state, active)
-    comp_state = common.build_system(tcfg, step=system.step).state
+    model_static = eqx.filter(ref.state.model, lambda x: not eqx.is_array(x))
+    base_params = eqx.filter(ref.state.model, eqx.is_array)
+    base_opt = eqx.filter(ref.state.opt_state, eqx.is_array)
+    base_fn = baseline_step(system.task.loss_fn, system.optimizers, blocks, active,
+                            system.shardings, mesh)(model_static)
+    fn, static = step.compiled(sys_state, active)
     holder = {"sys": sys_state, "base": (base_params, base_opt),
-              "comp": eqx.filter(comp_state, eqx.is_array)}
+              "comp": eqx.filter(comp.state, eqx.is_array)}
     losses = {}
 
     def pace(q, loss):
@@ -121,7 +126,7 @@ def one_case(cfg: Config, model: str, mesh_name: str) -> dict:
     def run_sys(n):
         state, metrics, q = holder["sys"], None, collections.deque()
         for _ in range(n):
-            state, metrics = system.step(state, batch, active)
+            state, metrics = step(state, batch, active)
             pace(q, metrics["loss"])
         holder["sys"] = common.block(state)
         return metrics["loss"] if metrics else None
@@ -167,12 +172,12 @@ def one_case(cfg: Config, model: str, mesh_name: str) -> dict:
                  "ratio_compiled_vs_baseline": round(c / stats["baseline"]["median"], 4),
                  "wrapper_overhead_s": round(stats["system"]["median"] - c, 6)}
     return {
-        "model": model, "mesh": dict(system.mesh.shape), "active_blocks": list(active),
+        "model": model, "mesh": dict(mesh.shape), "active_blocks": list(active),
         "system_step_s": stats["system"], "baseline_step_s": stats["baseline"], **extra,
         "ratio": round(ratio, 4), "paired_ratio": paired,
         "meets_target": bool(ratio <= cfg.target),
         "first_loss": losses, "params_max_abs_diff": max(jax.tree.leaves(diff)),
-        "system_trace_counts": {"+".join(k): v for k, v in system.step.trace_counts.items()},
+        "system_trace_counts": {"+".join(k): v for k, v in step.trace_counts.items()},
     }
 
 

@@ -1,11 +1,13 @@
 """Transformer LM training throughput: tokens/s, achieved TFLOP/s and MFU.
 
 Trains `distributed.models.TransformerLM` (bf16 compute, float32 parameters and Adam-W state)
-with the system's sharded `TrainStep` on random tokens already on the devices, so the figure is
-the step itself. FLOPs per token come from `flops_per_token` (6N + attention, the PaLM
-convention; rematerialisation not counted). MFU = achieved FLOP/s / (peak x devices), with the
-dense bf16 peak of the device from `PEAK_BF16_FLOPS`; on CPU (no meaningful peak) only the
-achieved FLOP/s is reported and ``mfu`` is null.
+with the system's sharded `TrainStep`, assembled by `distributed.engine.build` (the assembly
+behind the command line) from an engine `Task` of the model, `lm_loss` and random tokens, on
+two batches of those tokens already on the devices, so the figure is the step itself. FLOPs
+per token come from `flops_per_token` (6N + attention, the PaLM convention; rematerialisation
+not counted). MFU = achieved FLOP/s / (peak x devices), with the dense bf16 peak of the device
+from `PEAK_BF16_FLOPS`; on CPU (no meaningful peak) only the achieved FLOP/s is reported and
+``mfu`` is null.
 
     python benchmarks/transformer.py [--quick] [--devices=8] [--size=auto|tiny|small|125m|350m|1b]
         [--mesh=data:-1 | fsdp:-1 | data:-1,tensor:2] [--remat=true] [--batch_per_device=N]
@@ -76,15 +78,14 @@ def peak_flops(device_kind: str) -> tuple[float | None, str | None]:
 def run(cfg: Config) -> dict:
     import jax
     import numpy as np
-    from jax.sharding import NamedSharding
 
-    from distributed import bcd
-    from distributed.mesh import batch_shard_count, make_mesh
+    from distributed.core import bcd
+    from distributed.core.mesh import batch_shard_count, make_mesh
+    from distributed.core.optim import OptimizerConfig, make_optimizer
+    from distributed.core.step import StepOptions
+    from distributed.data import to_global
+    from distributed.engine import Task, build
     from distributed.models import TransformerLM, flops_per_token, lm_loss
-    from distributed.optim import OptimizerConfig, make_optimizer
-    from distributed.sharding import batch_spec
-    from distributed.state import init_state
-    from distributed.step import StepOptions, TrainStep
 
     platform = jax.default_backend()
     size = cfg.size if cfg.size != "auto" else ("small" if platform == "cpu" else "1b")
@@ -100,23 +101,20 @@ def run(cfg: Config) -> dict:
     batch = bpd * batch_shard_count(mesh)
     arch = dict(vocab_size=vocab, d_model=d, n_layers=layers, n_heads=heads, d_ff=d_ff,
                 max_len=seq, remat=remat, compute_dtype=cfg.compute_dtype)
-    optimizers = {"all": make_optimizer(OptimizerConfig(name="adamw", learning_rate=3e-4,
-                                                        weight_decay=0.1))}
-    blocks_fn = lambda m: {"all": bcd.complete_filter(m)}  # noqa: E731
+    tokens = np.random.default_rng(0).integers(0, vocab, (2 * batch, seq + 1), dtype=np.int32)
+    task = Task(model=lambda: TransformerLM(**arch, key=jax.random.key(0)), loss_fn=lm_loss,
+                train={"tokens": tokens}, plan=bcd.single_phase_plan(1),
+                optimizers={"all": make_optimizer(OptimizerConfig(
+                    name="adamw", learning_rate=3e-4, weight_decay=0.1))})
     t0 = time.perf_counter()
-    state, shardings = init_state(lambda: TransformerLM(**arch, key=jax.random.key(0)),
-                                  optimizers, blocks_fn, key=jax.random.key(1), mesh=mesh,
-                                  strategy=cfg.sharding)
+    engine = build(task, mesh=mesh, batch_size=batch, seed=0, key=jax.random.key(1),
+                   options=StepOptions(), strategy=cfg.sharding, with_data=False)
+    state, step = engine.state, engine.train_step
     common.block(state)
     init_s = time.perf_counter() - t0
     n_params = sum(x.size for x in jax.tree.leaves(state.model) if hasattr(x, "size"))
-    step = TrainStep(lm_loss, optimizers, blocks_fn(state.model), mesh=mesh,
-                     state_shardings=shardings, options=StepOptions())
-    bsh = NamedSharding(mesh, batch_spec(mesh))
-    make_tokens = jax.jit(lambda k: jax.random.randint(k, (batch, seq + 1), 0, vocab,
-                                                       dtype=np.int32), out_shardings=bsh)
-    batches = [{"tokens": make_tokens(jax.random.key(i))} for i in range(2)]
-    active = ("all",)
+    batches = [to_global({"tokens": tokens[i * batch:(i + 1) * batch]}, mesh) for i in range(2)]
+    active = engine.plan[0].blocks  # ("all",): every parameter
 
     t0 = time.perf_counter()
     state, metrics = step(state, batches[0], active)

@@ -87,8 +87,6 @@ ENV_ROWS = {
                          ["DISTRIBUTED_HOST_DEVICES", "'abc'", "positive integer"]),
     "partial_env": ({"DISTRIBUTED_NUM_PROCESSES": "2"}, True,
                     ["DISTRIBUTED_COORDINATOR_ADDRESS", "DISTRIBUTED_PROCESS_ID"]),
-    "stall_hook": ({"DISTRIBUTED_TEST_STALL": "nope"}, True,
-                   ["DISTRIBUTED_TEST_STALL='nope'", "step:<step>"]),
 }
 
 

@@ -20,8 +20,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
-from distributed.checkpoint import CheckpointError, CheckpointManager
-from distributed.model_io import (
+from distributed.checkpoint import CheckpointError, CheckpointManager, CheckpointMismatch
+from distributed.checkpoint.model_file import (
     load_checkpoint,
     load_model,
     make_metadata,
@@ -157,14 +157,15 @@ def test_restore_into_concrete_template(tmp_path, getkey):
     _assert_bitwise_equal(restored, state)
 
 
-def test_mismatched_template_is_a_value_error_naming_path_and_shapes(tmp_path, getkey):
+def test_mismatched_template_is_a_mismatch_naming_path_and_shapes(tmp_path, getkey):
     mesh = _mesh(8, "data")
     with CheckpointManager(tmp_path) as ckpt:
         ckpt.save(1, _make_state(getkey(), mesh=mesh, fsdp=False, width=32))
         other = eqx.filter_eval_shape(_unsharded_state, getkey(), 16, jnp.float32(1))
-        with pytest.raises(ValueError, match=r"\.model\.layers\[0\]\.weight") as info:
+        with pytest.raises(CheckpointMismatch, match=r"\.model\.layers\[0\]\.weight") as info:
             ckpt.restore(other)  # abstract leaves without a sharding are fine too
-    assert not isinstance(info.value, CheckpointError)  # not "start from scratch"
+    assert isinstance(info.value, CheckpointError)  # a CheckpointError of its own kind ...
+    assert ckpt.all_steps() == [1]  # ... that sets nothing aside: it is not a corruption
     assert "(32, 8)" in str(info.value) and "(16, 8)" in str(info.value)
 
 
@@ -567,7 +568,7 @@ jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
 import grain, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from distributed.checkpoint import CheckpointManager
-from distributed.model_io import load_checkpoint, save_checkpoint
+from distributed.checkpoint.model_file import load_checkpoint, save_checkpoint
 
 mesh = Mesh(np.asarray(jax.devices()), ("fsdp",))
 values = np.arange(64.0, dtype=np.float32).reshape(16, 4)
@@ -624,11 +625,9 @@ def test_two_processes_save_and_one_process_restores(tmp_path):
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     for i, (p, out) in enumerate(zip(procs, outputs, strict=True)):
         assert p.returncode == 0 and f"WORKER OK {i}" in out, out[-3000:]
-    assert sorted(os.listdir(tmp_path / "ckpt" / "1" / "data")) == [
-        "commit_success.txt",
-        "process_0-of-2.json",
-        "process_1-of-2.json",
-    ]
+    # the two processes' data positions differ here, so each is kept
+    record = json.loads((tmp_path / "ckpt" / "1" / "data" / "metadata").read_text())
+    assert [s["next_index"] for s in record["per_process"]] == [1, 2]
     # the 2 x 4-device checkpoint restores in this 1 x 8-device process, onto 4 devices
     mesh = _mesh(4, "data")
     template = {

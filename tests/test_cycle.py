@@ -8,14 +8,16 @@ import optax
 import pytest
 from helpers import SemiParam, assert_trees_allclose, assert_trees_equal
 
-from distributed import bcd
-from distributed.callbacks import Hook
-from distributed.cycle import PhaseStepFn, general_train_cycle, psf_arrays, train_epoch
+from distributed.core import bcd
+from distributed.core.clock import EpochClock
+from distributed.core.mesh import make_mesh
+from distributed.core.state import create_state
 from distributed.data import epoch_batches
-from distributed.mesh import make_mesh
+from distributed.engine import PhaseStep
+from distributed.loop.callbacks import Hook
 from distributed.models import PSFFieldModel, evaluate_psf, make_star_field, psf_batch_tuple
-from distributed.state import create_state
-from distributed.step import make_step
+from distributed.seeds import general_train_cycle, make_step, train_epoch
+from distributed.seeds.cycle import psf_arrays
 
 OPTICS = dict(n_pupil=16, n_pix=16, lambdas=(0.6, 0.8))  # a small, fast PSF field
 
@@ -156,8 +158,8 @@ def test_l1_rate_schedule_is_applied_per_phase_epoch():
 
     plan = bcd.make_phase_plan("parametric", epochs_param=11, epochs_nonparam=1)
     mesh = make_mesh("data:8")
-    fn = PhaseStepFn(fake_step, plan, 2, None, mesh,
-                     extras=lambda p, e: {"l1_rate": 1e-3 * 0.5 ** (e // 10)})
+    fn = PhaseStep(fake_step, plan, EpochClock(2, 1), None, mesh,
+                   extras=lambda p, e: {"l1_rate": 1e-3 * 0.5 ** (e // 10)})
     batch = {"x": jnp.zeros((8, 4))}
     for _ in range(24):
         state, _ = fn(state, batch, None)

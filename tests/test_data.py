@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from distributed.core.clock import EpochClock
+from distributed.core.mesh import check_batch_size
+from distributed.core.sharding import batch_sharding
 from distributed.data import (
     DataError,
     DevicePrefetcher,
-    batch_sharding,
-    check_batch_size,
     epoch_batches,
     load_arrays,
     make_dataset,
     open_source,
     split_arrays,
-    steps_per_epoch,
     to_global,
     write_array_record,
 )
@@ -41,6 +41,10 @@ def _ids(ds, k):
 def _make(source=None, **kw):
     kw = {"global_batch_size": 6, "seed": 0, "process_index": 0, "process_count": 1} | kw
     return make_dataset(_arrays() if source is None else source, **kw)
+
+
+def steps_per_epoch(n, b):
+    return EpochClock(n, b).steps(1)
 
 
 def _mesh(shape, names):
@@ -77,14 +81,29 @@ def test_no_shuffle_is_in_order_and_values_follow_ids():
     assert b["x"].dtype == np.float32 and b["y"].shape == (6, 1)
 
 
-def test_drop_remainder_and_num_epochs():
-    # 24 examples, batch 5: 4 full batches per epoch, 4 examples dropped, never straddling epochs.
-    ids = [b["id"] for b in _make(global_batch_size=5, num_epochs=2)]
-    assert len(ids) == 8 and all(len(i) == 5 for i in ids)
-    assert len(set(np.concatenate(ids[:4]))) == 20
-    kept = [b["id"] for b in _make(global_batch_size=5, num_epochs=1, drop_remainder=False)]
-    assert [len(i) for i in kept] == [5, 5, 5, 5, 4]
-    np.testing.assert_array_equal(np.sort(np.concatenate(kept)), np.arange(N))
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_every_example_every_epoch_remainders_carried(shuffle):
+    """24 examples, batch 5: no row is ever dropped. Epoch e's last rows share a batch with the
+    first rows of epoch e+1; 2 epochs are ceil(48 / 5) = 10 full batches."""
+    ids = [b["id"] for b in _make(global_batch_size=5, num_epochs=2, shuffle=shuffle)]
+    assert len(ids) == 10 and all(len(i) == 5 for i in ids)
+    stream = np.concatenate(ids)
+    for e in range(2):  # positions [24e, 24e + 24) are one order of all 24 examples
+        np.testing.assert_array_equal(np.sort(stream[24 * e:24 * (e + 1)]), np.arange(N))
+    if not shuffle:  # rows 20-23 are trained: the 5th batch is [20..23, 0]
+        np.testing.assert_array_equal(ids[4], [20, 21, 22, 23, 0])
+
+
+def test_forty_rows_batch_32_trains_every_row():
+    """The reported case: 40 rows, batch 32, in order: rows 32-39 used to be never trained."""
+    x = {"id": np.arange(40), "x": np.zeros((40, 1), np.float32)}
+    ids = [b["id"] for b in make_dataset(x, global_batch_size=32, seed=0, shuffle=False,
+                                         num_epochs=3, process_index=0, process_count=1)]
+    clock = EpochClock(40, 32)
+    assert len(ids) == clock.steps(3) == 4
+    seen = np.concatenate(ids)
+    assert set(seen[:40]) == set(range(40)) and set(seen[40:80]) == set(range(40))
+    assert [clock.epoch_ending_at(s) for s in range(1, 5)] == [None, 0, 1, 2]
 
 
 def test_epoch_batches_equal_make_dataset_slice():
@@ -205,6 +224,10 @@ def test_prefetcher_stops_with_finite_dataset():
 
 @pytest.mark.slow
 def test_worker_processes_keep_the_order():
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
+        flags.FLAGS.mark_as_parsed()
     it = iter(_make(worker_count=1))
     try:
         got = [next(it)["id"] for _ in range(5)]
@@ -338,11 +361,11 @@ def test_non_finite_values_name_array_and_index(tmp_path, bad):
 @pytest.mark.parametrize(
     "kw,match",
     [
-        ({"global_batch_size": 6, "process_count": 4}, r"batch size 6 .*process count 4"),
-        ({"global_batch_size": 6, "mesh": "8"}, r"batch size 6 .*8 batch shards.*data=8"),
-        ({"global_batch_size": 6, "mesh": "42"}, r"batch size 6 .*8 .*data=4 × fsdp=2"),
+        ({"global_batch_size": 6, "process_count": 4}, r"batch_size=6 .*4 processes"),
+        ({"global_batch_size": 6, "mesh": "8"}, r"batch_size=6 .*8 batch shards.*data=8"),
+        ({"global_batch_size": 6, "mesh": "42"}, r"batch_size=6 .*8 .*data=4 x fsdp=2"),
         ({"global_batch_size": 32}, r"batch size 32 is larger than the dataset \(24 examples\)"),
-        ({"global_batch_size": 0}, r"positive integer, got 0"),
+        ({"global_batch_size": 0}, r"batch_size=0 must be a positive integer"),
     ],
 )
 def test_bad_batch_size_raises_data_error(kw, match):
@@ -351,7 +374,7 @@ def test_bad_batch_size_raises_data_error(kw, match):
         kw["mesh"] = meshes[kw["mesh"]]
     with pytest.raises(DataError, match=match):
         make_dataset(_arrays(), seed=0, process_index=0, **kw)
-    check_batch_size(8, num_examples=24, process_count=2, mesh=meshes["42"])  # fine
+    check_batch_size(8, meshes["42"], 2, num_examples=24)  # fine
 
 
 def test_tuple_without_keys_raises():

@@ -11,9 +11,9 @@ import numpy as np
 import optax
 import pytest
 
-from distributed.callbacks import Callback, Hook
 from distributed.checkpoint import CheckpointManager
 from distributed.loop import run_loop, train_loop
+from distributed.loop.callbacks import Callback, Hook
 
 OPT = optax.sgd(0.1)
 W_TRUE = np.array([1.0, -2.0, 0.5], np.float32)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distributed import losses as L
+import distributed as L
 
 
 def _arrays(seed=0, shape=(4, 3, 5)):

@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from distributed import mesh as M
-from distributed.mesh import (
+from distributed.core import mesh as M
+from distributed.core.mesh import (
     DEFAULT_AXIS_RULES,
     MESH_AXES,
     batch_shard_count,

@@ -5,12 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distributed.metrics import (
-    JsonlWriter,
+from distributed.core.metrics import (
     Metrics,
-    MetricsWriter,
-    MultiWriter,
-    TensorBoardWriter,
     average_metrics,
     compute_metrics,
     format_metrics,
@@ -18,6 +14,7 @@ from distributed.metrics import (
     tree_all_finite,
     tree_norm,
 )
+from distributed.loop.writers import JsonlWriter, MetricsWriter, MultiWriter, TensorBoardWriter
 
 
 def test_compute_metrics_seed_example(capsys):

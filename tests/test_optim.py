@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from distributed.optim import (
+from distributed.core.optim import (
     OptimizerConfig,
     configure_optimizer,
     current_learning_rate,

@@ -28,9 +28,10 @@ import numpy as np
 import pytest
 from cli import ROOT, cli_env, metrics, summary
 
-from distributed.goodput import Ledger, read_previous_attempt
-from distributed.signals import PREEMPTED_EXIT_CODE, StopRequest
-from distributed.watchdog import WATCHDOG_EXIT_CODE, Watchdog
+from distributed.runtime.goodput import Ledger, read_previous_attempt
+from distributed.runtime.signals import PREEMPTED_EXIT_CODE, StopRequest
+from distributed.runtime.watchdog import STALLED as WATCHDOG_EXIT_CODE
+from distributed.runtime.watchdog import Watchdog
 
 MLP = ["--model=mlp", "--epochs=3", "--n_train=512", "--n_val=64", "--batch_size=64",
        "--log_every=1", "--checkpoint_every=2", "--progress=log", "--host_devices=8"]
@@ -450,7 +451,7 @@ def _payload_is_live(tmp_path):
 
 
 def test_model_checkpoint_file_holding_a_pickle_is_refused(tmp_path):
-    from distributed.model_io import CheckpointError, load_checkpoint
+    from distributed.checkpoint.model_file import CheckpointError, load_checkpoint
 
     _payload_is_live(tmp_path)
     marker = tmp_path / "pwned"
@@ -474,7 +475,7 @@ def test_pickles_planted_in_checkpoints_are_never_executed(env, base_12, tmp_pat
     bomb = pickle.dumps(_Payload(marker))
     ck = wd / "checkpoints"
     (ck / "12" / "metadata" / "metadata").write_bytes(bomb)
-    (ck / "8" / "data" / "process_0-of-1.json").write_bytes(bomb)
+    (ck / "8" / "data" / "metadata").write_bytes(bomb)
     (ck / "4" / "state" / "_METADATA").write_bytes(bomb)
     for f in glob.glob(f"{ck}/4/state/ocdbt.process_0/d/*"):
         Path(f).write_bytes(bomb)
@@ -527,8 +528,8 @@ def test_stop_request_takes_back_a_replaced_handler():
 
 def test_loop_stops_before_fetching_the_next_batch(tmp_path):
     """The saved data position must match the saved step: no batch fetched and dropped."""
-    from distributed.callbacks import Hook
     from distributed.loop import run_loop
+    from distributed.loop.callbacks import Hook
 
     fetched = []
 

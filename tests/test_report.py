@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from distributed.report import load_records, main, summary_text
+from distributed.cli.report import load_records, main, summary_text
 
 PHASES = [("parametric", 1, 8), ("non-parametric", 9, 16), ("complete", 17, 24)]
 

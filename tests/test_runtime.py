@@ -14,6 +14,7 @@ import pytest
 from jax.sharding import Mesh
 
 from distributed import runtime
+from distributed.runtime import slurm
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_VARS = (
@@ -140,7 +141,7 @@ def test_configure_host_devices_fresh_process():
 
 
 def test_slurm_helpers(monkeypatch):
-    first = runtime._first_slurm_host
+    first = slurm._first_slurm_host
     assert first("node7") == "node7"
     assert first("a1,b2") == "a1"
     assert first("gpu[003-010],x") == "gpu003"
@@ -160,19 +161,19 @@ def test_slurm_helpers(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.delenv(runtime.ENV_SLURM_DEVICES, raising=False)
     # one process per GPU: sees GPU SLURM_LOCALID
-    assert runtime._slurm_params("gpu") == ("n01:61441", 8, 5, [1])
-    assert runtime._slurm_params("cpu") == ("n01:61441", 8, 5, None)
+    assert slurm.slurm_params("gpu") == ("n01:61441", 8, 5, [1])
+    assert slurm.slurm_params("cpu") == ("n01:61441", 8, 5, None)
     # SLURM bound one GPU to the task (--gpus-per-task=1): use it as is
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
-    assert runtime._slurm_params("gpu")[3] is None
+    assert slurm.slurm_params("gpu")[3] is None
     # one process per node: all GPUs of the node
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
     monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "1(x8)")
-    assert runtime._slurm_params("gpu")[3] is None
+    assert slurm.slurm_params("gpu")[3] is None
     monkeypatch.setenv(runtime.ENV_SLURM_DEVICES, "localid")
-    assert runtime._slurm_params("gpu")[3] == [1]
+    assert slurm.slurm_params("gpu")[3] == [1]
     monkeypatch.setenv("JAX_COORDINATOR_PORT", "5555")
-    assert runtime._slurm_params("gpu")[0] == "n01:5555"
+    assert slurm.slurm_params("gpu")[0] == "n01:5555"
 
 
 def test_unreachable_coordinator_is_a_clear_error():
@@ -187,7 +188,7 @@ def test_unreachable_coordinator_is_a_clear_error():
     took = time.monotonic() - t0
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("distributed.runtime.CoordinatorError")
+    assert last.startswith("distributed.runtime.process.CoordinatorError")
     assert address in last and "within 5 s" in last
     assert took < 40
 
@@ -217,7 +218,7 @@ def test_missing_peer_ends_with_one_clear_line():
         runtime.initialize({address!r}, 2, 0, timeout_s=2)
         """,
     )
-    assert r.returncode == runtime.INIT_TIMEOUT_EXIT_CODE, (r.returncode, r.stderr[-2000:])
+    assert r.returncode == runtime.exit_codes.STALLED, (r.returncode, r.stderr[-2000:])
     assert f"did not start within 2 s (coordinator {address})" in r.stderr
 
 

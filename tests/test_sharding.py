@@ -10,9 +10,9 @@ from helpers import TinyMLP, assert_trees_equal
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from distributed import sharding as S
-from distributed.mesh import make_mesh
-from distributed.state import create_state
+from distributed.core import sharding as S
+from distributed.core.mesh import make_mesh
+from distributed.core.state import create_state
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,11 @@ from helpers import (
     regression_data,
 )
 
-from distributed import bcd, sharding
-from distributed.mesh import make_mesh
-from distributed.state import init_state
-from distributed.step import StepOptions, TrainStep, make_step
+from distributed.core import bcd, sharding
+from distributed.core.mesh import make_mesh
+from distributed.core.state import init_state
+from distributed.core.step import StepOptions, TrainStep
+from distributed.seeds import make_step
 
 MESHES = ["data:8", "data:4,fsdp:2", "fsdp:8", "data:2,tensor:4"]
 

@@ -17,16 +17,15 @@ from distributed import (
     RecoveryPolicy,
     Trainer,
     TrainingConfig,
-    bcd,
     general_train_cycle,
     load_model,
     make_mesh,
     register_loss,
-    sharding,
 )
+from distributed.core import bcd, sharding
+from distributed.core.state import init_state
+from distributed.core.step import TrainStep
 from distributed.loop import run_loop
-from distributed.state import init_state
-from distributed.step import TrainStep
 
 
 def _xy(n=256, seed=0):
@@ -75,13 +74,11 @@ def test_early_stopping_stops_at_the_right_epoch_and_restores_best():
     batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in data.items()}
     curve = iter([5.0, 4.0, 3.0, 3.5, 3.2, 3.1, 2.0, 1.0])  # best at epoch 2, patience 3
 
-    def val_step(state, b, key):
-        return state, {"loss": next(curve)}
 
     stopper = EarlyStopping("val_loss", patience=3)
     state, result = run_loop(state, lambda s, b, k: step(s, b, ("all",)),
                              data_iterator_fn=lambda: [batch] * 2, num_epochs=8, num_batches=2,
-                             val_step_fn=val_step, val_data_iterator=[None],
+                             evaluate=lambda s: {"loss": next(curve)},
                              callbacks=[stopper], show_progress=False)
     assert stopper.best_epoch == 2 and stopper.stopped_epoch == 5
     assert result.history["val_loss"] == [5.0, 4.0, 3.0, 3.5, 3.2, 3.1]
@@ -204,7 +201,7 @@ def test_report_writes_pngs_for_a_finished_run(tmp_path):
 def test_load_model_rebuilds_an_eqx_nn_mlp(tmp_path):
     """Seed 001 trains an `eqx.nn.MLP`; `load_model` must give it back from the metadata."""
     from distributed import save_checkpoint
-    from distributed.trainer import _arch
+    from distributed.checkpoint.model_file import model_arch as _arch
 
     m = eqx.nn.MLP(6, 4, 16, 2, activation=jax.nn.tanh, key=jax.random.key(1))
     save_checkpoint(m, tmp_path / "m.eqx", metadata={"arch": _arch(m)})
@@ -239,7 +236,7 @@ def test_training_config_aliases_and_nested_run_name():
 def test_every_data_form_gives_the_same_arrays():
     from types import SimpleNamespace
 
-    from distributed.trainer import as_arrays
+    from distributed.seeds.trainer import as_arrays
 
     x, y = _xy(32)
     ref = as_arrays((x, y), "d")

@@ -54,6 +54,9 @@ class MLP(eqx.Module):
     - `key`: PRNG key (keyword-only).
     - `activation`: hidden activation name, one of `ACTIVATIONS`.
     - `final_activation`: activation on the output, or None for a linear head.
+    - `dropout`: dropout rate after each hidden activation (`eqx.nn.Dropout`; 0 = none). With
+      a rate > 0, calls in training mode need `key=`; `eqx.nn.inference_mode(model)` turns it
+      off.
 
     !!! Example
         ```python
@@ -69,6 +72,7 @@ class MLP(eqx.Module):
     depth: int = eqx.field(static=True)
     activation: str = eqx.field(static=True)
     final_activation: str | None = eqx.field(static=True)
+    dropout: eqx.nn.Dropout
 
     def __init__(
         self,
@@ -80,12 +84,16 @@ class MLP(eqx.Module):
         key: PRNGKeyArray,
         activation: str = "relu",
         final_activation: str | None = None,
+        dropout: float = 0.0,
     ):
         for name, v in (("in_size", in_size), ("out_size", out_size), ("width_size", width_size)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {name}={v!r}.")
         if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
             raise ValueError(f"depth (hidden layers) must be an integer >= 0, got depth={depth!r}.")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or \
+                not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a rate in [0, 1), got dropout={dropout!r}.")
         _activation(activation, "activation")
         _activation(final_activation, "final_activation")
         sizes = (in_size,) + (width_size,) * depth + (out_size,)
@@ -97,18 +105,21 @@ class MLP(eqx.Module):
         self.in_size, self.out_size, self.width_size, self.depth = (
             in_size, out_size, width_size, depth)
         self.activation, self.final_activation = activation, final_activation
+        self.dropout = eqx.nn.Dropout(float(dropout))
 
-    def __call__(self, x: Array) -> Array:
-        """Apply the MLP to the last axis of `x` (any leading batch axes)."""
+    def __call__(self, x: Array, *, key: PRNGKeyArray | None = None) -> Array:
+        """Apply the MLP to the last axis of `x` (any leading batch axes). `key` drives the
+        dropout (needed in training mode when `dropout > 0`)."""
         if x.shape[-1:] != (self.in_size,):
             raise ValueError(f"MLP expects inputs (..., {self.in_size}), got shape {x.shape}.")
         if not jnp.issubdtype(x.dtype, jnp.floating):
             x = x.astype(self.layers[0].weight.dtype)
         act = ACTIVATIONS[self.activation]
+        keys = [None] * len(self.layers) if key is None else jax.random.split(key, len(self.layers))
         for i, layer in enumerate(self.layers):
             x = x @ layer.weight.T.astype(x.dtype) + layer.bias.astype(x.dtype)
             if i < len(self.layers) - 1:
-                x = act(x)
+                x = self.dropout(act(x), key=keys[i])
         if self.final_activation is not None:
             x = ACTIVATIONS[self.final_activation](x)
         return x
@@ -117,4 +128,5 @@ class MLP(eqx.Module):
         """JSON-able constructor arguments: `build_model(model.arch(), key=...)` rebuilds it."""
         return {"name": "mlp", "in_size": self.in_size, "out_size": self.out_size,
                 "width_size": self.width_size, "depth": self.depth,
-                "activation": self.activation, "final_activation": self.final_activation}
+                "activation": self.activation, "final_activation": self.final_activation,
+                "dropout": self.dropout.p}

@@ -1,0 +1,199 @@
+"""The run configuration: one frozen dataclass, validated with errors that name the fix.
+
+Every field is a command-line flag of ``python -m distributed.train`` with the same name; the
+help text of each field is its flag's help, and its group (``# -- group`` below) the flag's
+section in ``--help``. No I/O here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+from ..core.bcd import CYCLES as _CYCLES
+from ..core.optim import OPTIMIZERS, SCHEDULES
+from ..core.sharding import STRATEGIES as SHARDINGS
+from ..core.step import STEP_IMPLS
+from ..loop.progress import MODES as PROGRESS
+
+MODELS = ("psf", "mlp")
+CYCLES = tuple(_CYCLES)
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def _f(default: Any, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    # -- where and what
+    workdir: str = _f("runs/default", "Run folder: config.json, metrics.jsonl, summary.json, "
+                      "checkpoints/. Re-running with the same workdir resumes.")
+    model: str = _f("psf", f"Model to train: one of {MODELS}.")
+    data: str = _f("", "Your own data: a .npz or ArrayRecord file (glob allowed). Empty: the "
+                   "model's embedded synthetic data.")
+    val_fraction: float = _f(0.1, "Fraction of --data held out for validation.")
+    n_train: int = _f(512, "Embedded PSF field: training stars.")
+    n_val: int = _f(128, "Embedded PSF field: validation stars.")
+    n_test: int = _f(256, "Embedded PSF field: held-out test stars for the final report.")
+    seed: int = _f(0, "Seed of the model init, data split and shuffling.")
+    # -- devices
+    mesh: str = _f("data:-1,fsdp:1,tensor:1", "Mesh axes data/fsdp/tensor; -1 = the rest.")
+    sharding: str = _f("auto", f"Parameter sharding: one of {SHARDINGS}.")
+    host_devices: int = _f(0, "CPU only: simulate this many devices (0: leave as is).")
+    coordinator_address: str = _f("", "Multi-process: host:port of process 0 (else auto-detect).")
+    num_processes: int = _f(0, "Multi-process: number of processes (0: auto-detect).")
+    process_id: int = _f(-1, "Multi-process: this process's index (-1: auto-detect).")
+    init_timeout_s: int = _f(300, "Seconds to wait for all processes to join.")
+    # -- BCD and epochs
+    cycle: str = _f("complete", f"BCD cycle: one of {CYCLES}.")
+    epochs_param: int = _f(12, "Epochs of each parametric phase.")
+    epochs_nonparam: int = _f(12, "Epochs of each non-parametric phase.")
+    epochs_complete: int = _f(12, "Epochs of each complete phase.")
+    first_run: bool = _f(True, "Zero the non-parametric mixing during the first parametric phase.")
+    epochs: int = _f(20, "Epochs for models without BCD blocks (e.g. mlp).")
+    dropout: float = _f(0.0, "mlp: dropout rate after each hidden layer (0: none).")
+    batch_size: int = _f(64, "Global batch size (split over data x fsdp and processes).")
+    max_steps: int = _f(0, "Stop after this many steps in total (0: no limit).")
+    # -- optimisation
+    optimizer: str = _f("adam", f"One of {OPTIMIZERS}.")
+    learning_rate: float = _f(1e-3, "Learning rate of models without BCD blocks.")
+    lr_param: float = _f(1e-2, "Learning rate of the parametric block.")
+    lr_nonparam: float = _f(3e-3, "Learning rate of the non-parametric block.")
+    schedule: str = _f("constant", f"Learning-rate schedule: one of {SCHEDULES}.")
+    warmup_steps: int = _f(0, "Linear warm-up steps.")
+    scheduler_T0: int = _f(50, "cosine_warm_restarts: first period in steps (then x2).")
+    weight_decay: float = _f(0.0, "Weight decay (decoupled for adamw).")
+    grad_clip_norm: float = _f(0.0, "Clip gradients to this global norm (0: off).")
+    l2_param: float = _f(1e-9, "PSF: L2 penalty on the OPD maps (the PSF data term is ~1e-5 "
+                         "per pixel: keep this small).")
+    l1_rate: float = _f(0.0, "PSF: Lp (p=1.1) penalty on alpha_mat, halved every 10 epochs of "
+                        "each phase (as WaveDiff).")
+    grad_accum: int = _f(1, "Micro-batches per step (gradient accumulation).")
+    compute_dtype: str = _f("float32", f"Forward/backward dtype: one of {COMPUTE_DTYPES}.")
+    step_impl: str = _f("jit", f"Train step implementation: one of {STEP_IMPLS}.")
+    # -- checkpoints and logs
+    checkpoint_every: int = _f(100, "Save a checkpoint every N steps (0: only at the end).")
+    max_to_keep: int = _f(3, "Checkpoints to keep.")
+    async_checkpoint: bool = _f(True, "Write checkpoints in the background.")
+    restart_from_scratch: bool = _f(False, "Ignore (and replace) existing checkpoints.")
+    force: bool = _f(False, "Reuse a workdir whose config.json differs from this run's (or a "
+                     "non-empty folder that holds no run).")
+    allow_changed_inputs: bool = _f(False, "Resume even if the data or settings differ from "
+                                    "those the checkpoints were trained on.")
+    log_every: int = _f(25, "Log metrics every N steps.")
+    tensorboard: bool = _f(False, "Also write TensorBoard event files to <workdir>/tensorboard "
+                           "(needs the `tensorboard` extra: tensorboardX).")
+    progress: str = _f("auto", f"Progress display: one of {PROGRESS} (auto: bar on a TTY).")
+    # -- reliability
+    skip_nonfinite: bool = _f(True, "Skip updates whose loss or gradients are not finite.")
+    explosion_factor: float = _f(0.0, "Roll back when loss > factor x its running mean (0: off).")
+    max_retries: int = _f(3, "Loss-explosion rollbacks before giving up.")
+    lr_reduction: float = _f(0.5, "Learning-rate factor applied on each rollback.")
+    watchdog_s: float = _f(0.0, "Abort (thread dump, exit 3) if a step/fetch/save stalls this "
+                           "many seconds (0: off).")
+
+    def __post_init__(self):
+        validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # Fields that do not change the training result (may differ when resuming a workdir).
+    RUNTIME_FIELDS = (
+        "workdir", "host_devices", "coordinator_address", "num_processes", "process_id",
+        "init_timeout_s",
+        "max_steps", "restart_from_scratch", "force", "allow_changed_inputs", "log_every",
+        "progress", "watchdog_s",
+        "async_checkpoint", "tensorboard", "mesh", "sharding", "step_impl", "checkpoint_every",
+        "max_to_keep",
+    )
+
+
+def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ValueError(f"--{name}={value!r} is not valid; choose one of {', '.join(options)}.")
+
+
+def _at_least(name: str, value: float, low: float) -> None:
+    if value < low:
+        raise ValueError(f"--{name}={value} must be >= {low}.")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Static checks of ``cfg``; raises `ValueError` naming the flag, its value and the fix."""
+    _choice("model", cfg.model, MODELS)
+    _choice("cycle", cfg.cycle, CYCLES)
+    _choice("optimizer", cfg.optimizer, OPTIMIZERS)
+    _choice("schedule", cfg.schedule, SCHEDULES)
+    _choice("step_impl", cfg.step_impl, STEP_IMPLS)
+    _choice("compute_dtype", cfg.compute_dtype, COMPUTE_DTYPES)
+    _choice("sharding", cfg.sharding, SHARDINGS)
+    _choice("progress", cfg.progress, PROGRESS)
+    if not cfg.workdir or not cfg.workdir.strip():
+        raise ValueError("--workdir is empty; give a folder for this run, e.g. runs/my_run.")
+    if "\x00" in cfg.workdir:
+        raise ValueError("--workdir contains a NUL byte; use a plain folder path.")
+    if not re.fullmatch(r"\s*(\w+\s*:\s*-?\d+\s*)(,\s*\w+\s*:\s*-?\d+\s*)*", cfg.mesh):
+        raise ValueError(
+            f"--mesh={cfg.mesh!r} is not of the form axis:size,...; e.g. data:-1,fsdp:2,tensor:1."
+        )
+    for name in ("n_train", "n_val", "n_test", "batch_size", "grad_accum", "epochs", "log_every",
+                 "max_to_keep"):
+        _at_least(name, getattr(cfg, name), 1)
+    for name in ("epochs_param", "epochs_nonparam", "epochs_complete", "max_steps",
+                 "checkpoint_every", "warmup_steps", "host_devices", "num_processes",
+                 "max_retries"):
+        _at_least(name, getattr(cfg, name), 0)
+    _at_least("scheduler_T0", cfg.scheduler_T0, 1)
+    _at_least("init_timeout_s", cfg.init_timeout_s, 1)
+    for name in ("learning_rate", "lr_param", "lr_nonparam"):
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"--{name}={getattr(cfg, name)} must be > 0.")
+    for name in ("weight_decay", "grad_clip_norm", "l2_param", "l1_rate", "explosion_factor",
+                 "watchdog_s"):
+        _at_least(name, getattr(cfg, name), 0.0)
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"--dropout={cfg.dropout} must be in [0, 1).")
+    if not 0.0 < cfg.lr_reduction <= 1.0:
+        raise ValueError(f"--lr_reduction={cfg.lr_reduction} must be in (0, 1].")
+    if not 0.0 < cfg.val_fraction < 1.0:
+        raise ValueError(f"--val_fraction={cfg.val_fraction} must be in (0, 1).")
+    if 0 < cfg.explosion_factor <= 1.0:
+        raise ValueError(
+            f"--explosion_factor={cfg.explosion_factor} must be > 1 (or 0 to turn it off)."
+        )
+    if cfg.batch_size % cfg.grad_accum:
+        raise ValueError(
+            f"--batch_size={cfg.batch_size} is not divisible by --grad_accum={cfg.grad_accum}."
+        )
+    multi = (cfg.coordinator_address != "", cfg.num_processes > 0, cfg.process_id >= 0)
+    if any(multi) and not all(multi):
+        raise ValueError(
+            "--coordinator_address, --num_processes and --process_id must be given together "
+            "(or none of them, to auto-detect SLURM/TPU or run one process)."
+        )
+    if cfg.num_processes and not 0 <= cfg.process_id < cfg.num_processes:
+        raise ValueError(
+            f"--process_id={cfg.process_id} must be in [0, --num_processes={cfg.num_processes})."
+        )
+
+
+def config_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(TrainConfig)]
+
+
+def from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Build a config from a dict (e.g. config.json), rejecting unknown keys by name."""
+    known = {f.name for f in config_fields()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config field(s) {unknown}; valid fields: {sorted(known)}.")
+    return TrainConfig(**values)
+
+
+def result_fields(cfg: TrainConfig) -> dict[str, Any]:
+    """The fields that determine the training result (compared when reusing a workdir)."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in TrainConfig.RUNTIME_FIELDS}
