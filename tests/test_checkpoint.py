@@ -8,7 +8,6 @@ import os
 import shutil
 import sys
 import threading
-import types
 
 import equinox as eqx
 import grain
@@ -377,7 +376,7 @@ def test_no_valid_step_raises_checkpoint_error(tmp_path):
 
 def test_metadata_record_is_plain_json_on_disk(tmp_path):
     record = make_metadata(
-        arch={"name": "mlp", "in_size": 8, "out_size": 4},
+        arch={"in_size": 8, "out_size": 4},
         step=np.int64(100),
         epoch=3,
         train_loss=jnp.float32(0.25),
@@ -386,7 +385,7 @@ def test_metadata_record_is_plain_json_on_disk(tmp_path):
         config={"epochs": 10, "betas": (0.9, 0.999)},
         extra={"phase": "complete"},
     )
-    assert record["schema"] == 1 and record["arch"]["name"] == "mlp"
+    assert record["schema"] == 1 and record["arch"] == {"in_size": 8, "out_size": 4}
     training = record["training"]
     assert set(training) == {
         "date",
@@ -504,56 +503,15 @@ def test_load_checkpoint_errors(tmp_path, getkey):
         load_checkpoint(eqx.nn.MLP(3, 8, 8, 0, key=getkey()), path)
 
 
-def test_load_model_rebuilds_from_arch(tmp_path, getkey, monkeypatch):
-    """The `distributed.models.build_model` contract, with a stand-in registry."""
-
-    class ArchMLP(eqx.nn.MLP):
-        def arch(self):
-            return {
-                "name": "mlp",
-                "in_size": self.in_size,
-                "out_size": self.out_size,
-                "width_size": self.width_size,
-                "depth": self.depth,
-            }
-
-    def build_model(arch, *, key):
-        arch = dict(arch)
-        assert arch.pop("name") == "mlp"
-        return ArchMLP(**arch, key=key)
-
-    fake = types.ModuleType("distributed.models")
-    fake.build_model = build_model
-    monkeypatch.setitem(sys.modules, "distributed.models", fake)
-    model = ArchMLP(3, 2, 8, 2, key=getkey())
-    path = tmp_path / "m.eqx"
-    save_checkpoint(model, path, metadata={"training": {"epoch": 4}})
-    loaded, metadata = load_model(path)
-    assert metadata["arch"] == model.arch() and metadata["training"] == {"epoch": 4}
-    _assert_bitwise_equal(loaded, model)
-    no_arch = tmp_path / "no_arch.eqx"
-    save_checkpoint(eqx.nn.MLP(3, 2, 8, 2, key=getkey()), no_arch)
-    with pytest.raises(CheckpointError, match="arch"):
-        load_model(no_arch)
-
-
 def test_load_model_with_the_real_model_registry(tmp_path, getkey):
-    models = pytest.importorskip("distributed.models")
-    if not hasattr(models, "build_model"):
-        pytest.skip("distributed.models.build_model is not written yet")
     from distributed.models.mlp import MLP
 
     model = MLP(3, 2, 8, 2, key=getkey())
     path = tmp_path / "mlp.eqx"
-    save_checkpoint(
-        model,
-        path,
-        metadata=make_metadata(
-            arch=model.arch(), step=1, epoch=1, train_loss=0.5, val_loss=0.6, config={}
-        ),
-    )
+    save_checkpoint(model, path, metadata=make_metadata(
+        step=1, epoch=1, train_loss=0.5, val_loss=0.6, config={}))
     loaded, metadata = load_model(path)
-    assert metadata["arch"]["name"] == "mlp"
+    assert metadata["model"] == "mlp" and metadata["arch"] == model.arch()
     _assert_bitwise_equal(loaded, model)
 
 

@@ -50,13 +50,18 @@ def _pair(x: jax.Array) -> jax.Array:
 _checksums = jax.jit(lambda flat: {k: _pair(v) for k, v in flat.items()})
 
 
+def _devices(x: Any) -> tuple[int, ...]:
+    return tuple(sorted(d.id for d in x.sharding.device_set)) if isinstance(x, jax.Array) else ()
+
+
 def array_checksums(flat: dict[str, Any]) -> dict[str, list[int]]:
     """``{name: [s1, s2]}`` of every array in ``flat`` (see the module docstring). One jitted
-    dispatch on the arrays' devices; blocks until the arrays are computed."""
-    if not flat:
-        return {}
-    sums = jax.device_get(_checksums(flat))
-    return {k: [int(v) for v in np.asarray(s)] for k, s in sums.items()}
+    dispatch per set of devices the arrays live on; blocks until the arrays are computed."""
+    groups: dict[tuple[int, ...], dict[str, Any]] = {}
+    for k, v in flat.items():
+        groups.setdefault(_devices(v), {})[k] = v
+    sums = jax.device_get([_checksums(g) for g in groups.values()])
+    return {k: [int(v) for v in np.asarray(s)] for g in sums for k, s in g.items()}
 
 
 def mismatches(recorded: dict[str, list[int]], flat: dict[str, Any]) -> list[str]:

@@ -18,6 +18,7 @@ import json
 import os
 import pathlib
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from .describe import describe, rebuild
 from .errors import CheckpointError, CheckpointMismatch
 from .leaves import is_key, jsonable, key_impl
 
@@ -34,7 +36,6 @@ SCHEMA = 1
 
 def make_metadata(
     *,
-    arch: dict,
     step: int,
     epoch: int,
     train_loss: float | None,
@@ -42,24 +43,25 @@ def make_metadata(
     per_output_rmse: dict | None = None,
     config: Any = None,
     extra: dict | None = None,
+    arch: dict | None = None,
 ) -> dict:
     """The checkpoint metadata record, schema 1 (plain JSON types only).
 
     Args:
-        arch: the model's architecture, `{"name": ..., **kwargs}` (see `models.build_model`).
         step, epoch: training progress.
         train_loss, val_loss: the latest losses, or `None`.
         per_output_rmse: `{output name: RMSE}`, or `None`.
         config: the training configuration, a dict or a dataclass.
         extra: anything else, stored under `"extra"`.
+        arch: the model's constructor keyword arguments; by default `save_checkpoint` writes
+            what `describe(model)` says.
 
     Returns:
-        `{"schema": 1, "arch": ..., "training": {"date" (ISO 8601, UTC), "epoch", "step",
-        "train_loss", "val_loss", "per_output_rmse", "config"}}`, plus `"extra"` if given.
+        `{"schema": 1, "training": {"date" (ISO 8601, UTC), "epoch", "step", "train_loss",
+        "val_loss", "per_output_rmse", "config"}}`, plus `"arch"` and `"extra"` if given.
     """
     record = {
         "schema": SCHEMA,
-        "arch": jsonable(dict(arch)),
         "training": {
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "epoch": int(epoch),
@@ -76,6 +78,8 @@ def make_metadata(
     }
     if extra is not None:
         record["extra"] = jsonable(dict(extra))
+    if arch is not None:
+        record["arch"] = jsonable(dict(arch))
     return record
 
 
@@ -122,18 +126,6 @@ def _read_leaf(f, x: Any, where: str) -> Any:
 # ----------------------------------------------------------------------------------- the API
 
 
-def model_arch(model: Any) -> dict:
-    """The ``arch`` record of a model: its ``arch()`` when it has one, for an ``eqx.nn.MLP`` its
-    constructor arguments, else just its class name."""
-    if callable(getattr(model, "arch", None)):
-        return model.arch()
-    if isinstance(model, eqx.nn.MLP):
-        return {"name": "eqx.nn.MLP", "in_size": model.in_size, "out_size": model.out_size,
-                "width_size": model.width_size, "depth": model.depth,
-                "activation": getattr(model.activation, "__name__", repr(model.activation))}
-    return {"name": type(model).__name__}
-
-
 def save_checkpoint(model: Any, path: str | os.PathLike, metadata: dict | None = None) -> None:
     """Write `model` to `path`: a JSON header line, then Equinox's serialised leaves.
 
@@ -143,14 +135,13 @@ def save_checkpoint(model: Any, path: str | os.PathLike, metadata: dict | None =
     Args:
         model: any pytree (e.g. an `eqx.Module`); its arrays may be sharded.
         path: the file to write; its parent directory is created.
-        metadata: a JSON-serialisable dict (e.g. from `make_metadata`). `"arch"` defaults to
-            `model.arch()` when the model has that method, `"schema"` to 1.
+        metadata: a JSON-serialisable dict (e.g. from `make_metadata`). ``"schema"`` defaults to
+            1; ``"arch"`` (the constructor's keyword arguments) and ``"model"`` (the class)
+            default to what `describe` says of the model (an ``eqx.nn.MLP``, or a model of
+            `distributed.models`), so that `load_model` and desisky's loader rebuild it.
     """
     path = pathlib.Path(path)
-    header = dict(metadata or {})
-    header.setdefault("schema", SCHEMA)
-    if "arch" not in header and callable(getattr(model, "arch", None)):
-        header["arch"] = model.arch()
+    header = {"schema": SCHEMA, **describe(model), **dict(metadata or {})}
     try:
         line = json.dumps(jsonable(header)).encode()
     except (TypeError, ValueError) as e:
@@ -251,25 +242,30 @@ def load_checkpoint(template: Any, path: str | os.PathLike) -> Any:
     return jax.tree_util.tree_unflatten(treedef, loaded)
 
 
-def load_model(path: str | os.PathLike, *, key: jax.Array | None = None) -> tuple[Any, dict]:
-    """Rebuild a model from its checkpoint's `metadata["arch"]`, then load its weights.
+def load_model(path: str | os.PathLike, *, constructor: Callable | None = None,
+               key: jax.Array | None = None) -> tuple[Any, dict]:
+    """Rebuild a model from its file's header, then load its weights (desisky's ``load``).
+
+    Reads this package's files and desisky's: the header's ``"arch"`` is the constructor's
+    keyword arguments (see `distributed.checkpoint.describe`).
 
     Args:
-        path: a file written by `save_checkpoint` whose metadata has `"arch"`
-            (`{"name": "mlp" | "psf" | "transformer", **kwargs}`).
+        path: a file written by `save_checkpoint` (or by desisky).
+        constructor: ``constructor(**arch)`` builds the model, as desisky's loader does; by
+            default the header's ``"model"`` says which (``equinox.nn.MLP`` or a model of
+            `distributed.models`; an MLP-shaped ``arch`` without it is an ``eqx.nn.MLP``).
         key: PRNG key for building the model before its weights are loaded; default `key(0)`.
 
     Returns:
         `(model, metadata)`.
-    """
-    from ..models import build_model
 
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: the header does not say how to rebuild the model (e.g. an MLP
+            activation that is not a named jax function), or the file is corrupt.
+        CheckpointMismatch: the weights do not fit the rebuilt model.
+    """
     metadata = read_metadata(path)
-    arch = metadata.get("arch")
-    if not isinstance(arch, dict) or "name" not in arch:
-        raise CheckpointError(
-            f"{path}: the metadata has no 'arch' with a 'name' (got {arch!r}), so the model "
-            "cannot be rebuilt; use load_checkpoint(template, path) instead."
-        )
-    template = build_model(arch, key=jax.random.key(0) if key is None else key)
+    template = rebuild(metadata, key=jax.random.key(0) if key is None else key,
+                       constructor=constructor, where=str(path))
     return load_checkpoint(template, path), metadata

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 
 from ..checkpoint import CheckpointError, CheckpointManager, CheckpointMismatch
+from ..checkpoint.describe import describe
 from ..core import bcd
 from ..core.clock import EpochClock
 from ..core.fingerprint import arrays_sha256, params_sha256
@@ -254,7 +255,7 @@ class _Run:
                 "summary": {"final_train_loss": last.get("train_loss"),
                             "final_val_loss": last.get("val_loss")},
                 "fingerprint": self._fp, "config": self.cfg.to_dict(),
-                "arch": _arch(state.model)}
+                **describe(state.model)}
 
     def train(self, watchdog: Watchdog) -> tuple[Any, Any]:
         cfg, engine = self.cfg, self.engine
@@ -304,11 +305,6 @@ class _Run:
 
 def _fmt(v: Any) -> str:
     return "n/a" if v is None else f"{v:.6g}"
-
-
-def _arch(model) -> dict | None:
-    fn = getattr(model, "arch", None)
-    return fn() if callable(fn) else None
 
 
 def run(cfg: TrainConfig, stop: StopRequest | None = None) -> int:

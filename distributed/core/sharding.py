@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .mesh import BATCH_AXES, FSDP, TENSOR
+from .tree import dealias
 
 Strategy = Literal["auto", "replicate", "fsdp", "tensor"]
 STRATEGIES = ("auto", "replicate", "fsdp", "tensor")
@@ -148,8 +149,12 @@ def batch_sharding(mesh: Mesh, batch_axes: Sequence[str] = BATCH_AXES) -> NamedS
 
 
 def shard(tree: Any, shardings: Any) -> Any:
-    """`jax.device_put` every array leaf of ``tree`` onto its sharding (other leaves kept)."""
-    arrays, rest = eqx.partition(tree, is_array_like)
+    """`jax.device_put` every array leaf of ``tree`` onto its sharding (other leaves kept).
+
+    Leaves that share memory (one array in two fields) are copied first, so the result never
+    hands a donating step the same buffer twice (see `distributed.core.tree.dealias`).
+    """
+    arrays, rest = eqx.partition(dealias(tree), is_array_like)
     sh = eqx.filter(shardings, lambda x: isinstance(x, jax.sharding.Sharding))
     arrays = jax.tree.map(
         lambda x, s: jax.device_put(x, s), arrays, sh, is_leaf=lambda x: x is None

@@ -111,6 +111,18 @@ def _accumulate(fn: Callable, mbs: Any, keys: Any) -> Any:
     return out
 
 
+def _sum_over_devices(axes: tuple[str, ...]) -> Callable[[jax.Array], jax.Array]:
+    """``psum`` over those of ``axes`` a value still varies along (inside ``shard_map``)."""
+    def total(x):
+        aval = jax.typeof(x)
+        kind = getattr(aval, "manual_axis_type", None)
+        vma = kind.varying if kind is not None else getattr(aval, "vma", axes)
+        varying = tuple(a for a in axes if a in vma)
+        return jax.lax.psum(x, varying) if varying else x
+
+    return total
+
+
 def _value(num: jax.Array, den: jax.Array) -> jax.Array:
     ok = den > 0
     return jnp.sum(jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0))
@@ -222,9 +234,12 @@ class TrainStep:
             return self._loss_and_grad(diff, static_arrays, static_rest, batch, key)
 
         def local(d, sa, b, k):
+            # Gradients w.r.t. the replicated parameters come back summed over the devices
+            # already (shard_map's transpose of the implicit broadcast); the loss is this
+            # device's share of the global sum.
             loss, aux, grads = self._loss_and_grad(d, sa, static_rest, b, k)
-            loss, grads = jax.lax.psum((loss, grads), self._axes)
-            return loss, jax.lax.pmean(aux, self._axes), grads
+            total = lambda x: jax.tree.map(_sum_over_devices(self._axes), x)  # noqa: E731
+            return total(loss), jax.lax.pmean(aux, self._axes), total(grads)
 
         return jax.shard_map(
             local,
@@ -311,7 +326,7 @@ class TrainStep:
                 for i, a in zip(idx, jax.tree.leaves(new_arrays), strict=False):
                     leaves[i] = a
                 return treedef.unflatten(leaves), metrics
-        if self.options.donate and aliased_leaves(state):
+        if self.options.donate and aliased_leaves(state):  # (buffers: once per structure)
             state = dealias(state)  # XLA cannot be handed one buffer twice to donate
             leaves = jax.tree.leaves(state)
         fn, static = self.compiled(state, active)

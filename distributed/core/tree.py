@@ -26,18 +26,27 @@ def tree_where(pred: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda n, o: jnp.where(pred, n, o) if eqx.is_array(n) else n, new, old)
 
 
+def _storage(x: jax.Array) -> Any:
+    """What identifies ``x``'s memory: its device buffers (two Python arrays may share them,
+    e.g. after putting one array on a device twice), or the object itself."""
+    try:
+        return tuple(s.data.unsafe_buffer_pointer() for s in x.addressable_shards)
+    except Exception:  # noqa: BLE001 - deleted, or a backend without pointers
+        return id(x)
+
+
 def aliased_leaves(tree: Any) -> list[list[str]]:
-    """Groups of key paths whose leaves are the *same* array object (e.g. tied weights written
-    as one array in two fields). Empty when every array leaf is distinct."""
-    seen: dict[int, list[str]] = {}
+    """Groups of key paths whose array leaves share memory (e.g. tied weights written as one
+    array in two fields). Empty when every array leaf has its own."""
+    seen: dict[Any, list[str]] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if isinstance(leaf, jax.Array):
-            seen.setdefault(id(leaf), []).append(jax.tree_util.keystr(path))
+            seen.setdefault(_storage(leaf), []).append(jax.tree_util.keystr(path))
     return [paths for paths in seen.values() if len(paths) > 1]
 
 
 def dealias(tree: Any) -> Any:
-    """``tree`` with every repeated array leaf replaced by a copy (the first use is kept).
+    """``tree`` with every array leaf that shares memory with an earlier one replaced by a copy.
 
     JAX treats each pytree leaf as its own value, so a model holding one array in two fields
     trains them as two parameters either way; but a step that *donates* its input would be
@@ -49,14 +58,15 @@ def dealias(tree: Any) -> Any:
     for paths in groups:
         log.warning("the fields %s hold the same array; they are trained as separate "
                     "parameters (to tie weights, use eqx.nn.Shared)", ", ".join(paths))
-    seen: set[int] = set()
+    seen: set[Any] = set()
 
     def one(x):
         if not isinstance(x, jax.Array):
             return x
-        if id(x) in seen:
+        key = _storage(x)
+        if key in seen:
             return jnp.array(x, copy=True)
-        seen.add(id(x))
+        seen.add(key)
         return x
 
     return jax.tree.map(one, tree)

@@ -1,7 +1,8 @@
 """Models shipped with the library: the PSF field model (default), an MLP, a transformer LM.
 
-Every model has an `arch()` method returning a JSON-able `{"name": ..., **constructor kwargs}`
-dict; `build_model(arch, key=key)` rebuilds a model of the same structure from it.
+Every model has an `arch()` method returning its JSON-able constructor keyword arguments;
+`build_model(model.arch(), key=key, name=model_name(model))` rebuilds a model of the same
+structure from them.
 """
 
 from typing import Any
@@ -22,30 +23,25 @@ from .transformer import TransformerLM as TransformerLM
 from .transformer import flops_per_token as flops_per_token
 from .transformer import lm_loss as lm_loss
 
-
-def _eqx_mlp(*, key: PRNGKeyArray, activation: str = "relu", **kwargs: Any) -> eqx.nn.MLP:
-    """`eqx.nn.MLP` (as seed 001 uses it), its activation named by a `jax.nn` function."""
-    import jax
-
-    fn = getattr(jax.nn, activation, None)
-    if not callable(fn):
-        raise ValueError(f"eqx.nn.MLP activation {activation!r} is not a jax.nn function; "
-                         f"rebuild the model yourself and use load_checkpoint(template, path).")
-    return eqx.nn.MLP(activation=fn, key=key, **kwargs)
-
-
 _REGISTRY = {"psf": PSFFieldModel, "mlp": MLP, "transformer": TransformerLM}
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
-_REGISTRY["eqx.nn.MLP"] = _eqx_mlp  # also rebuildable (seed 001 trains one), not a model of ours
-"""Names accepted by `build_model` (the "name" entry of an `arch()` dict)."""
+"""Names accepted by `build_model` (what `model_name` returns)."""
 
 
-def build_model(arch: dict[str, Any], *, key: PRNGKeyArray) -> eqx.Module:
-    """Build a model from an architecture dict `{"name": ..., **constructor kwargs}`.
+def model_name(model: Any) -> str | None:
+    """The registry name of one of this package's models (``None`` for other models)."""
+    return next((n for n, cls in _REGISTRY.items() if type(model) is cls), None)
+
+
+def build_model(arch: dict[str, Any], *, key: PRNGKeyArray, name: str | None = None
+                ) -> eqx.Module:
+    """Build one of this package's models from its constructor arguments.
 
     Args:
-        arch: e.g. `model.arch()`, or `{"name": "psf"}` for the default PSF model.
+        arch: ``model.arch()`` (the constructor's keyword arguments; an older ``{"name": ...,
+            **kwargs}`` form is read too).
         key: PRNG key for the initial parameters.
+        name: the model's name (`MODEL_NAMES`; `model_name(model)`).
 
     Returns:
         The new model.
@@ -53,11 +49,11 @@ def build_model(arch: dict[str, Any], *, key: PRNGKeyArray) -> eqx.Module:
     Raises:
         ValueError: if the name is missing or unknown, or the kwargs do not fit the constructor.
     """
-    if not isinstance(arch, dict) or "name" not in arch:
-        raise ValueError(f"arch must be a dict with a 'name' entry (one of {list(MODEL_NAMES)}), "
-                         f"got {arch!r}.")
+    if not isinstance(arch, dict):
+        raise ValueError(f"arch must be a dict of constructor arguments, got {arch!r}.")
     kwargs = dict(arch)
-    name = kwargs.pop("name")
+    name = name or kwargs.pop("name", None)
+    kwargs.pop("name", None)
     if name not in _REGISTRY:
         raise ValueError(f"Unknown model name {name!r}; valid names are {list(MODEL_NAMES)}.")
     try:

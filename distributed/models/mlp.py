@@ -125,8 +125,8 @@ class MLP(eqx.Module):
         return x
 
     def arch(self) -> dict[str, Any]:
-        """JSON-able constructor arguments: `build_model(model.arch(), key=...)` rebuilds it."""
-        return {"name": "mlp", "in_size": self.in_size, "out_size": self.out_size,
+        """JSON-able constructor keyword arguments (`build_model` rebuilds the model from them)."""
+        return {"in_size": self.in_size, "out_size": self.out_size,
                 "width_size": self.width_size, "depth": self.depth,
                 "activation": self.activation, "final_activation": self.final_activation,
                 "dropout": self.dropout.p}

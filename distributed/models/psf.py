@@ -337,9 +337,9 @@ class PSFFieldModel(eqx.Module):
         return eqx.tree_at(lambda m: m.alpha_mat, self, eye)
 
     def arch(self) -> dict[str, Any]:
-        """JSON-able constructor arguments: `build_model(model.arch(), key=...)` rebuilds it."""
+        """JSON-able constructor keyword arguments (`build_model` rebuilds the model from them)."""
         return {
-            "name": "psf", "n_pupil": self.n_pupil, "pad_factor": self.pad_factor,
+            "n_pupil": self.n_pupil, "pad_factor": self.pad_factor,
             "n_pix": self.n_pix, "n_zernikes": self.n_zernikes, "d_max": self.d_max,
             "n_features": self.n_features, "d_max_nonparam": self.d_max_nonparam,
             "lambdas": list(self.lambdas), "x_lims": list(self.x_lims),

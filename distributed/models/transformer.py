@@ -157,8 +157,8 @@ class TransformerLM(eqx.Module):
                           preferred_element_type=jnp.float32)
 
     def arch(self) -> dict[str, Any]:
-        """JSON-able constructor arguments: `build_model(model.arch(), key=...)` rebuilds it."""
-        return {"name": "transformer", "vocab_size": self.vocab_size, "d_model": self.d_model,
+        """JSON-able constructor keyword arguments (`build_model` rebuilds the model from them)."""
+        return {"vocab_size": self.vocab_size, "d_model": self.d_model,
                 "n_layers": self.n_layers, "n_heads": self.n_heads, "d_ff": self.d_ff,
                 "max_len": self.max_len, "remat": self.remat,
                 "compute_dtype": self.compute_dtype}

@@ -254,10 +254,10 @@ class Trainer:
         return self.validate(state)
 
     def _save_best(self, model, epoch: int, metrics: dict) -> None:
-        from ..checkpoint.model_file import make_metadata, model_arch, save_checkpoint
+        from ..checkpoint.model_file import make_metadata, save_checkpoint
 
         val_loss = metrics.get("val_loss")
-        meta = make_metadata(arch=model_arch(model), step=self._clock.steps(epoch + 1),
+        meta = make_metadata(step=self._clock.steps(epoch + 1),
                              epoch=epoch + 1, train_loss=metrics.get("train_loss"),
                              val_loss=val_loss,
                              per_output_rmse=self._last_val.get("per_output_rmse"),
