@@ -226,44 +226,88 @@ def test_local_usage_errors():
 # --------------------------------------------------------------------------- launch/tpu_pod.sh
 
 
-def test_tpu_pod_dry_run():
-    train_args = ["--workdir=gs://bucket/run 1", "--mesh=data:-1,fsdp:4", "--note=it's"]
-    r = subprocess.run(
-        [
-            TPU_POD,
-            "--tpu=my-pod",
-            "--zone=us-central2-b",
-            "--project=proj",
-            "--setup",
-            "--dry-run",
-            "--",
-            *train_args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+def tpu_pod(*args, env=None):
+    return subprocess.run([TPU_POD, *args], capture_output=True, text=True, timeout=60, env=env)
+
+
+def remote_commands(stdout: str) -> list[list[str]]:
+    """The --command=... of each printed `gcloud ... ssh` line, split into words."""
+    return [shlex.split(shlex.split(line)[-1].split("=", 1)[1])
+            for line in stdout.strip().splitlines() if " ssh " in line]
+
+
+def test_tpu_pod_help_exits_0():
+    r = tpu_pod("--help")
+    assert r.returncode == 0 and r.stderr == ""
+    assert "--setup" in r.stdout and "--package=SPEC" in r.stdout and "not on PyPI" in r.stdout
+
+
+def test_tpu_pod_dry_run_installs_a_wheel_of_this_checkout():
+    train_args = ["--workdir=/mnt/shared/run 1", "--mesh=data:-1,fsdp:4", "--note=it's"]
+    r = tpu_pod("--tpu=my-pod", "--zone=us-central2-b", "--project=proj", "--setup",
+                "--dry-run", "--", *train_args)
     assert r.returncode == 0, r.stderr
-    lines = r.stdout.strip().splitlines()
-    assert len(lines) == 2
-    head = (
-        "gcloud compute tpus tpu-vm ssh my-pod --zone=us-central2-b --project=proj "
-        "--worker=all --command="
-    )
-    for line in lines:
-        assert line.startswith(head), line
-    remote = [shlex.split(shlex.split(line)[-1].split("=", 1)[1]) for line in lines]
-    assert remote[0] == ["python3", "-m", "pip", "install", "-U", "jax-bcd-distributed[tpu]"]
+    build, copy, install, train = r.stdout.strip().splitlines()
+    wheel = "jax_bcd_distributed-0.1.0-py3-none-any.whl"
+    assert shlex.split(build)[:6] == ["python3", "-m", "pip", "wheel", "--no-deps", "-q"]
+    assert shlex.split(build)[-1] == str(ROOT)
+    assert shlex.split(copy)[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"]
+    assert shlex.split(copy)[5].endswith("/" + wheel) and f"my-pod:{wheel}" in copy
+    assert copy.endswith("--zone=us-central2-b --project=proj --worker=all")
+    head = ("gcloud compute tpus tpu-vm ssh my-pod --zone=us-central2-b --project=proj "
+            "--worker=all --command=")
+    assert install.startswith(head) and train.startswith(head)
+    remote = remote_commands(r.stdout)
+    assert remote[0] == ["python3", "-m", "pip", "install", "-U", f"./{wheel}[tpu]", "&&",
+                         "python3", "-m", "pip", "install", "--no-deps", "--force-reinstall",
+                         f"./{wheel}[tpu]"]
     assert remote[1] == ["python3", "-m", "distributed.train", *train_args]
 
 
+def test_tpu_pod_package_specs(tmp_path):
+    wheel = tmp_path / "mine-2.0-py3-none-any.whl"
+    wheel.write_bytes(b"")
+    r = tpu_pod("--tpu=t", "--zone=z", "--setup", f"--package={wheel}[tpu]", "--python=py3.12",
+                "--dry-run")
+    assert r.returncode == 0, r.stderr
+    copy = r.stdout.splitlines()[0]
+    assert shlex.split(copy)[5:7] == [str(wheel), f"t:{wheel.name}"]
+    assert remote_commands(r.stdout)[0][:5] == ["py3.12", "-m", "pip", "install", "-U"]
+    assert remote_commands(r.stdout)[0][5] == f"./{wheel.name}[tpu]"
+    git = "jax-bcd-distributed[tpu] @ git+https://github.com/o/r.git@v1"
+    r = tpu_pod("--tpu=t", "--zone=z", "--setup", f"--package={git}", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip().splitlines()) == 2  # no build, no copy
+    assert remote_commands(r.stdout)[0][5] == git
+
+
+def test_tpu_pod_runs_gcloud(tmp_path):
+    """Not a dry run: a fake gcloud on PATH records what it is asked to do."""
+    (tmp_path / "gcloud").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$*" >> "$CALLS"\n')
+    (tmp_path / "gcloud").chmod(0o755)
+    wheel = tmp_path / "mine-2.0-py3-none-any.whl"
+    wheel.write_bytes(b"")
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}",
+           "CALLS": str(tmp_path / "calls")}
+    r = tpu_pod("--tpu=t", "--zone=z", "--setup", f"--package={wheel}", "--", "--x=a b",
+                env=env)
+    assert r.returncode == 0, r.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[0] == f"compute tpus tpu-vm scp {wheel} t:{wheel.name} --zone=z --worker=all"
+    assert calls[1].startswith("compute tpus tpu-vm ssh t --zone=z --worker=all --command=")
+    assert shlex.split(calls[2].split("--command=", 1)[1]) == [
+        "python3", "-m", "distributed.train", "--x=a b"]
+
+
 def test_tpu_pod_usage_errors():
-    r = subprocess.run(
-        [TPU_POD, "--zone=z", "--dry-run", "--", "--x"], capture_output=True, text=True, timeout=30
-    )
-    assert r.returncode == 2 and "missing --tpu" in r.stderr
-    r = subprocess.run([TPU_POD, "--tpu=t", "--dry-run"], capture_output=True, text=True)
-    assert r.returncode == 2 and "missing --zone" in r.stderr
+    for args, words in [(["--zone=z", "--dry-run", "--", "--x"], "missing --tpu"),
+                        (["--tpu=t", "--dry-run"], "missing --zone"),
+                        (["--tpu=t", "--zone=z", "--package=x"], "--package=x needs --setup"),
+                        (["--tpu=t", "--zone=z", "--batch_size=8"], "unknown option")]:
+        r = tpu_pod(*args)
+        assert r.returncode == 2 and r.stdout == "", (args, r.stdout)
+        err = r.stderr.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
 
 
 # --------------------------------------------------------------------------- real SLURM
