@@ -43,3 +43,22 @@ def assert_one_line_error(proc, *needles):
     for n in needles:
         assert n in err_lines[0], (n, err_lines[0])
     return err_lines[0]
+
+
+def tensorboard_tags(folder):
+    """The scalar tags in the TensorBoard event files of ``folder`` (TFRecord framing: length,
+    crc, event, crc), read with tensorboardX's protos."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    tags = set()
+    for events in Path(folder).glob("events.out.tfevents*"):
+        data, i = events.read_bytes(), 0
+        while i < len(data):
+            n = struct.unpack("Q", data[i:i + 8])[0]
+            ev = event_pb2.Event()
+            ev.ParseFromString(data[i + 12:i + 12 + n])
+            tags.update(v.tag for v in ev.summary.value)
+            i += 12 + n + 4
+    return tags

@@ -144,8 +144,8 @@ def test_tensorboard_and_multi_writer(tmp_path):
         w.write(5, {"loss": jnp.array(0.5), "phase": "param", "val": {"rmse": 0.25}})
         w.write(6, {"loss": 0.125})
     scalars = _read_scalars(tmp_path / "tb")
-    assert (5, "loss", 0.5) in scalars and (5, "val/rmse", 0.25) in scalars
-    assert (6, "loss", 0.125) in scalars
+    assert (5, "train/loss", 0.5) in scalars and (5, "val/rmse", 0.25) in scalars
+    assert (6, "train/loss", 0.125) in scalars
     assert not any(tag == "phase" for _, tag, _ in scalars)
     assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 2
     with pytest.raises(TypeError, match="write"):

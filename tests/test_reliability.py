@@ -219,7 +219,7 @@ def test_two_processes_agree_on_the_stop_step(env, tmp_path):
     """SIGUSR1 to the launcher: both processes stop at the same (all-gathered) step, exit 42."""
     wd = tmp_path / "run"
     p = launch2(wd, env=env)
-    assert p.wait_for(r"\[p1\].*INFO step 3 ") is not None, p.text()[-3000:]
+    assert p.wait_for(r"\[p0\].*INFO step 3 ") is not None, p.text()[-3000:]
     p.p.send_signal(signal.SIGUSR1)
     sent = time.monotonic()
     rc = p.wait(timeout=120)
@@ -320,7 +320,7 @@ def test_dropout_run_killed_and_resumed_ends_with_the_uninterrupted_sha(env, ref
 def test_two_processes_one_killed_both_end_with_a_clear_message(env, tmp_path):
     p = launch2(tmp_path / "run", "--watchdog_s=10", env=env)
     pids = _pids(p)
-    assert p.wait_for(r"\[p1\].*INFO step 5 ") is not None, p.text()[-3000:]
+    assert p.wait_for(r"\[p0\].*INFO step 5 ") is not None, p.text()[-3000:]
     os.kill(pids[1], signal.SIGKILL)
     killed = time.monotonic()
     rc = p.wait(timeout=120)
@@ -347,7 +347,7 @@ def test_frozen_peer_makes_the_watchdog_end_the_run_and_the_rerun_accounts_lost_
     p = launch2(wd, "--watchdog_s=8", "--checkpoint_every=4", env=env, grace=5)
     pids = _pids(p)
     try:
-        assert p.wait_for(r"\[p1\].*INFO step 7 ") is not None, p.text()[-3000:]
+        assert p.wait_for(r"\[p0\].*INFO step 7 ") is not None, p.text()[-3000:]
         os.kill(pids[1], signal.SIGSTOP)
         frozen = time.monotonic()
         rc = p.wait(timeout=120)

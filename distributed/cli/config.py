@@ -8,6 +8,8 @@ section in ``--help``. No I/O here.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import re
 from typing import Any
 
@@ -22,78 +24,113 @@ CYCLES = tuple(_CYCLES)
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
-def _f(default: Any, help: str) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help})
+GROUPS = ("run", "data", "mesh and sharding", "multi-process", "BCD and epochs", "optimizer",
+          "checkpointing", "reliability", "output")
+"""The sections of ``--help``, in order; every field belongs to one."""
+
+
+def _f(default: Any, help: str, group: str) -> Any:
+    if group not in GROUPS:
+        raise ValueError(f"unknown flag group {group!r}; add it to GROUPS.")
+    return dataclasses.field(default=default, metadata={"help": help, "group": group})
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    # -- where and what
+    # -- run
     workdir: str = _f("runs/default", "Run folder: config.json, metrics.jsonl, summary.json, "
-                      "checkpoints/. Re-running with the same workdir resumes.")
-    model: str = _f("psf", f"Model to train: one of {MODELS}.")
-    data: str = _f("", "Your own data: a .npz or ArrayRecord file (glob allowed). Empty: the "
-                   "model's embedded synthetic data.")
-    val_fraction: float = _f(0.1, "Fraction of --data held out for validation.")
-    n_train: int = _f(512, "Embedded PSF field: training stars.")
-    n_val: int = _f(128, "Embedded PSF field: validation stars.")
-    n_test: int = _f(256, "Embedded PSF field: held-out test stars for the final report.")
-    seed: int = _f(0, "Seed of the model init, data split and shuffling.")
-    # -- devices
-    mesh: str = _f("data:-1,fsdp:1,tensor:1", "Mesh axes data/fsdp/tensor; -1 = the rest.")
-    sharding: str = _f("auto", f"Parameter sharding: one of {SHARDINGS}.")
-    host_devices: int = _f(0, "CPU only: simulate this many devices (0: leave as is).")
-    coordinator_address: str = _f("", "Multi-process: host:port of process 0 (else auto-detect).")
-    num_processes: int = _f(0, "Multi-process: number of processes (0: auto-detect).")
-    process_id: int = _f(-1, "Multi-process: this process's index (-1: auto-detect).")
-    init_timeout_s: int = _f(300, "Seconds to wait for all processes to join.")
-    # -- BCD and epochs
-    cycle: str = _f("complete", f"BCD cycle: one of {CYCLES}.")
-    epochs_param: int = _f(12, "Epochs of each parametric phase.")
-    epochs_nonparam: int = _f(12, "Epochs of each non-parametric phase.")
-    epochs_complete: int = _f(12, "Epochs of each complete phase.")
-    first_run: bool = _f(True, "Zero the non-parametric mixing during the first parametric phase.")
-    epochs: int = _f(20, "Epochs for models without BCD blocks (e.g. mlp).")
-    dropout: float = _f(0.0, "mlp: dropout rate after each hidden layer (0: none).")
-    batch_size: int = _f(64, "Global batch size (split over data x fsdp and processes).")
-    max_steps: int = _f(0, "Stop after this many steps in total (0: no limit).")
-    # -- optimisation
-    optimizer: str = _f("adam", f"One of {OPTIMIZERS}.")
-    learning_rate: float = _f(1e-3, "Learning rate of models without BCD blocks.")
-    lr_param: float = _f(1e-2, "Learning rate of the parametric block.")
-    lr_nonparam: float = _f(3e-3, "Learning rate of the non-parametric block.")
-    schedule: str = _f("constant", f"Learning-rate schedule: one of {SCHEDULES}.")
-    warmup_steps: int = _f(0, "Linear warm-up steps.")
-    scheduler_T0: int = _f(50, "cosine_warm_restarts: first period in steps (then x2).")
-    weight_decay: float = _f(0.0, "Weight decay (decoupled for adamw).")
-    grad_clip_norm: float = _f(0.0, "Clip gradients to this global norm (0: off).")
-    l2_param: float = _f(1e-9, "PSF: L2 penalty on the OPD maps (the PSF data term is ~1e-5 "
-                         "per pixel: keep this small).")
-    l1_rate: float = _f(0.0, "PSF: Lp (p=1.1) penalty on alpha_mat, halved every 10 epochs of "
-                        "each phase (as WaveDiff).")
-    grad_accum: int = _f(1, "Micro-batches per step (gradient accumulation).")
-    compute_dtype: str = _f("float32", f"Forward/backward dtype: one of {COMPUTE_DTYPES}.")
-    step_impl: str = _f("jit", f"Train step implementation: one of {STEP_IMPLS}.")
-    # -- checkpoints and logs
-    checkpoint_every: int = _f(100, "Save a checkpoint every N steps (0: only at the end).")
-    max_to_keep: int = _f(3, "Checkpoints to keep.")
-    async_checkpoint: bool = _f(True, "Write checkpoints in the background.")
-    restart_from_scratch: bool = _f(False, "Ignore (and replace) existing checkpoints.")
+                      "checkpoints/, model.eqx. Re-running with the same workdir resumes.", "run")
+    model: str = _f("psf", f"Model to train: one of {MODELS}.", "run")
+    seed: int = _f(0, "Seed of the model init, data split and data order.", "run")
+    max_steps: int = _f(0, "Stop after this many steps in total (0: no limit).", "run")
     force: bool = _f(False, "Reuse a workdir whose config.json differs from this run's (or a "
-                     "non-empty folder that holds no run).")
+                     "non-empty folder that holds no run).", "run")
+    # -- data
+    data: str = _f("", "Your own data: a .npz or ArrayRecord file (glob allowed). Empty: the "
+                   "model's embedded synthetic data.", "data")
+    val_data: str = _f("", "Your own validation data (same arrays as --data); empty: "
+                       "--val_fraction of --data.", "data")
+    test_data: str = _f("", "Held-out test data (same arrays), scored at the end into "
+                        "summary.json as test_*.", "data")
+    val_fraction: float = _f(0.1, "Fraction of --data held out for validation.", "data")
+    n_train: int = _f(512, "Embedded data: training examples.", "data")
+    n_val: int = _f(128, "Embedded data: validation examples.", "data")
+    n_test: int = _f(256, "Embedded PSF field: held-out test stars for the final report.",
+                     "data")
+    batch_size: int = _f(64, "Global batch size (split over data x fsdp and processes).", "data")
+    # -- mesh and sharding
+    mesh: str = _f("data:-1,fsdp:1,tensor:1", "Mesh axes data/fsdp/tensor; -1 = the rest.",
+                   "mesh and sharding")
+    sharding: str = _f("auto", f"Parameter sharding: one of {SHARDINGS}.", "mesh and sharding")
+    host_devices: int = _f(0, "CPU only: simulate this many devices (0: leave as is).",
+                           "mesh and sharding")
+    step_impl: str = _f("jit", f"Train step implementation: one of {STEP_IMPLS}.",
+                        "mesh and sharding")
+    compute_dtype: str = _f("float32", f"Forward/backward dtype: one of {COMPUTE_DTYPES}.",
+                            "mesh and sharding")
+    grad_accum: int = _f(1, "Micro-batches per step (gradient accumulation; the result equals "
+                         "one full batch).", "mesh and sharding")
+    # -- multi-process
+    coordinator_address: str = _f("", "host:port of process 0 (else auto-detect).",
+                                  "multi-process")
+    num_processes: int = _f(0, "Number of processes (0: auto-detect).", "multi-process")
+    process_id: int = _f(-1, "This process's index (-1: auto-detect).", "multi-process")
+    init_timeout_s: int = _f(300, "Seconds to wait for all processes to join.", "multi-process")
+    # -- BCD and epochs
+    cycle: str = _f("complete", f"BCD cycle: one of {CYCLES}.", "BCD and epochs")
+    epochs_param: int = _f(12, "Epochs of each parametric phase.", "BCD and epochs")
+    epochs_nonparam: int = _f(12, "Epochs of each non-parametric phase.", "BCD and epochs")
+    epochs_complete: int = _f(12, "Epochs of each complete phase.", "BCD and epochs")
+    first_run: bool = _f(True, "Zero the non-parametric mixing during the first parametric "
+                         "phase.", "BCD and epochs")
+    epochs: int = _f(20, "Epochs for models without BCD blocks (e.g. mlp).", "BCD and epochs")
+    # -- optimizer
+    optimizer: str = _f("adam", f"One of {OPTIMIZERS}.", "optimizer")
+    learning_rate: float = _f(1e-3, "Learning rate of models without BCD blocks.", "optimizer")
+    lr_param: float = _f(1e-2, "Learning rate of the parametric block.", "optimizer")
+    lr_nonparam: float = _f(3e-3, "Learning rate of the non-parametric block.", "optimizer")
+    schedule: str = _f("constant", f"Learning-rate schedule: one of {SCHEDULES}; each block's "
+                       "schedule spans its own updates over the run.", "optimizer")
+    warmup_steps: int = _f(0, "Linear warm-up steps.", "optimizer")
+    scheduler_T0: int = _f(50, "cosine_warm_restarts: first period in steps (then x2).",
+                           "optimizer")
+    weight_decay: float = _f(0.0, "Weight decay (decoupled for adamw).", "optimizer")
+    grad_clip_norm: float = _f(0.0, "Clip gradients to this global norm (0: off).", "optimizer")
+    l2_param: float = _f(1e-9, "PSF: L2 penalty on the OPD maps (the PSF data term is ~1e-5 "
+                         "per pixel: keep this small).", "optimizer")
+    l1_rate: float = _f(0.0, "PSF: Lp (p=1.1) penalty on alpha_mat, halved every 10 epochs of "
+                        "each phase (as WaveDiff).", "optimizer")
+    dropout: float = _f(0.0, "mlp: dropout rate after each hidden layer (0: none).",
+                        "optimizer")
+    # -- checkpointing
+    checkpoint_every: int = _f(100, "Save a checkpoint every N steps (0: only at the end).",
+                               "checkpointing")
+    max_to_keep: int = _f(3, "Checkpoints to keep.", "checkpointing")
+    async_checkpoint: bool = _f(True, "Write checkpoints in the background.", "checkpointing")
+    restart_from_scratch: bool = _f(False, "Ignore (and replace) existing checkpoints.",
+                                    "checkpointing")
     allow_changed_inputs: bool = _f(False, "Resume even if the data or settings differ from "
-                                    "those the checkpoints were trained on.")
-    log_every: int = _f(25, "Log metrics every N steps.")
-    tensorboard: bool = _f(False, "Also write TensorBoard event files to <workdir>/tensorboard "
-                           "(needs the `tensorboard` extra: tensorboardX).")
-    progress: str = _f("auto", f"Progress display: one of {PROGRESS} (auto: bar on a TTY).")
+                                    "those the checkpoints were trained on.", "checkpointing")
     # -- reliability
-    skip_nonfinite: bool = _f(True, "Skip updates whose loss or gradients are not finite.")
-    explosion_factor: float = _f(0.0, "Roll back when loss > factor x its running mean (0: off).")
-    max_retries: int = _f(3, "Loss-explosion rollbacks before giving up.")
-    lr_reduction: float = _f(0.5, "Learning-rate factor applied on each rollback.")
+    skip_nonfinite: bool = _f(True, "Skip updates whose loss or gradients are not finite.",
+                              "reliability")
+    explosion_factor: float = _f(0.0, "Roll back when loss > factor x its running mean "
+                                 "(0: off).", "reliability")
+    max_retries: int = _f(3, "Loss-explosion rollbacks before giving up.", "reliability")
+    lr_reduction: float = _f(0.5, "Learning-rate factor applied on each rollback.",
+                             "reliability")
     watchdog_s: float = _f(0.0, "Abort (thread dump, exit 3) if a step/fetch/save stalls this "
-                           "many seconds (0: off).")
+                           "many seconds (0: off).", "reliability")
+    # -- output
+    log_every: int = _f(25, "Log metrics every N steps.", "output")
+    progress: str = _f("auto", f"Progress display: one of {PROGRESS} (auto: bar on a "
+                       "terminal).", "output")
+    tensorboard: bool = _f(False, "Also write TensorBoard event files to <workdir>/tensorboard "
+                           "(needs the [tensorboard] extra).", "output")
+    mlflow_uri: str = _f("", "Also track the run in MLflow at this tracking URI, e.g. "
+                         "sqlite:///mlruns.db (needs the [mlflow] extra).", "output")
+    profile_steps: str = _f("", "START:END: capture a jax.profiler trace of those steps into "
+                            "<workdir>/tensorboard/plugins/profile.", "output")
 
     def __post_init__(self):
         validate(self)
@@ -108,7 +145,7 @@ class TrainConfig:
         "max_steps", "restart_from_scratch", "force", "allow_changed_inputs", "log_every",
         "progress", "watchdog_s",
         "async_checkpoint", "tensorboard", "mesh", "sharding", "step_impl", "checkpoint_every",
-        "max_to_keep",
+        "max_to_keep", "mlflow_uri", "profile_steps",
     )
 
 
@@ -122,8 +159,23 @@ def _at_least(name: str, value: float, low: float) -> None:
         raise ValueError(f"--{name}={value} must be >= {low}.")
 
 
+_INT32 = 2**31 - 1
+
+
+def _finite(cfg: TrainConfig) -> None:
+    """NaN or an infinity turns a number setting silently off or poisons every update."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"--{f.name}={v} is not a finite number; give a number (see "
+                             f"--helpfull for its range).")
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > _INT32:
+            raise ValueError(f"--{f.name}={v} is out of range; it must be at most {_INT32}.")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Static checks of ``cfg``; raises `ValueError` naming the flag, its value and the fix."""
+    _finite(cfg)
     _choice("model", cfg.model, MODELS)
     _choice("cycle", cfg.cycle, CYCLES)
     _choice("optimizer", cfg.optimizer, OPTIMIZERS)
@@ -145,8 +197,9 @@ def validate(cfg: TrainConfig) -> None:
         _at_least(name, getattr(cfg, name), 1)
     for name in ("epochs_param", "epochs_nonparam", "epochs_complete", "max_steps",
                  "checkpoint_every", "warmup_steps", "host_devices", "num_processes",
-                 "max_retries"):
+                 "max_retries", "seed"):
         _at_least(name, getattr(cfg, name), 0)
+    _check_host_devices(cfg.host_devices)
     _at_least("scheduler_T0", cfg.scheduler_T0, 1)
     _at_least("init_timeout_s", cfg.init_timeout_s, 1)
     for name in ("learning_rate", "lr_param", "lr_nonparam"):
@@ -165,6 +218,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(
             f"--explosion_factor={cfg.explosion_factor} must be > 1 (or 0 to turn it off)."
         )
+    if cfg.profile_steps and not re.fullmatch(r"\d+:\d+", cfg.profile_steps):
+        raise ValueError(f"--profile_steps={cfg.profile_steps!r} is not START:END; e.g. 10:15.")
+    if cfg.profile_steps and not 0 < profile_range(cfg)[0] < profile_range(cfg)[1]:
+        raise ValueError(f"--profile_steps={cfg.profile_steps!r}: need 0 < START < END.")
     if cfg.batch_size % cfg.grad_accum:
         raise ValueError(
             f"--batch_size={cfg.batch_size} is not divisible by --grad_accum={cfg.grad_accum}."
@@ -179,6 +236,26 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(
             f"--process_id={cfg.process_id} must be in [0, --num_processes={cfg.num_processes})."
         )
+
+
+def profile_range(cfg: TrainConfig) -> tuple[int, int]:
+    """``--profile_steps=START:END`` as two ints (``(0, 0)``: no profile)."""
+    if not cfg.profile_steps:
+        return 0, 0
+    start, end = cfg.profile_steps.split(":")
+    return int(start), int(end)
+
+
+def max_host_devices() -> int:
+    """The most CPU devices one process may simulate here: 8 per core, at least 64 (each one
+    is a thread pool and buffers; tens of thousands exhaust memory before jax notices)."""
+    return max(64, 8 * (os.cpu_count() or 1))
+
+
+def _check_host_devices(n: int) -> None:
+    if n > max_host_devices():
+        raise ValueError(f"--host_devices={n} is more than this machine can simulate (at most "
+                         f"{max_host_devices()}: 8 per CPU core); use fewer, or real devices.")
 
 
 def config_fields() -> list[dataclasses.Field]:

@@ -1,5 +1,5 @@
-"""What a run writes besides checkpoints: metric records (``metrics.jsonl``, TensorBoard) and
-``summary.json``."""
+"""What a run writes besides checkpoints: metric records (``metrics.jsonl``, TensorBoard,
+MLflow), ``summary.json`` and the exported ``model.eqx``."""
 
 from __future__ import annotations
 
@@ -7,17 +7,33 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import make_metadata, save_checkpoint
 from ..core import bcd
 from ..core.clock import EpochClock
-from ..loop.writers import JsonlWriter, MultiWriter, TensorBoardWriter
+from ..loop.writers import JsonlWriter, MLflowWriter, MultiWriter, TensorBoardWriter
 from .config import TrainConfig
 
 
-class PhaseWriter:
-    """Adds the BCD phase name and a single ``lr`` (the first block's) to every record."""
+class RunWriter:
+    """Every record of a run into ``metrics.jsonl`` (and TensorBoard event files, and an MLflow
+    run, when asked), with the BCD phase name and a single ``lr`` (the first block's) added.
 
-    def __init__(self, writer: Any, plan: Sequence[bcd.Phase], clock: EpochClock):
-        self.writer, self.plan, self.clock = writer, tuple(plan), clock
+    The MLflow run gets the config as parameters at the start, every record as metrics, and at
+    the end (`finish`) the summary and the artifacts.
+    """
+
+    def __init__(self, cfg: TrainConfig, workdir: Path, plan: Sequence[bcd.Phase],
+                 clock: EpochClock):
+        self.plan, self.clock = tuple(plan), clock
+        writers: list[Any] = [JsonlWriter(workdir / "metrics.jsonl")]
+        if cfg.tensorboard:
+            writers.append(TensorBoardWriter(workdir / "tensorboard"))
+        self.mlflow = None
+        if cfg.mlflow_uri:
+            self.mlflow = MLflowWriter(cfg.mlflow_uri, run_name=workdir.name,
+                                       params=cfg.to_dict())
+            writers.append(self.mlflow)
+        self.writer = MultiWriter(writers)
 
     def write(self, step: int, metrics: dict) -> None:
         p = bcd.phase_at(self.plan, max(step - 1, 0), self.clock)
@@ -27,17 +43,52 @@ class PhaseWriter:
             rec["lr"] = lrs[0]
         self.writer.write(step, rec)
 
-    def close(self) -> None:
-        self.writer.close()
+    def finish(self, summary: dict, artifacts: Sequence[Path]) -> None:
+        if self.mlflow is not None:
+            self.mlflow.log_summary(summary)
+            for path in artifacts:
+                if path.exists():
+                    self.mlflow.log_artifact(path)
+
+    def close(self, status: str = "FINISHED") -> None:
+        for w in self.writer.writers:
+            if w is self.mlflow:
+                w.close(status)
+            else:
+                w.close()
 
 
-def writers(cfg: TrainConfig, workdir: Path, plan: Sequence[bcd.Phase],
-            clock: EpochClock) -> PhaseWriter:
-    """``metrics.jsonl``, plus TensorBoard event files in ``workdir/tensorboard`` if asked."""
-    jsonl: Any = JsonlWriter(workdir / "metrics.jsonl")
-    if cfg.tensorboard:
-        jsonl = MultiWriter([jsonl, TensorBoardWriter(workdir / "tensorboard")])
-    return PhaseWriter(jsonl, plan, clock)
+def require_extras(cfg: TrainConfig) -> str | None:
+    """One line naming what to install when a flag needs an optional package that is missing."""
+    needs = [("tensorboard", "tensorboardX", "tensorboard"), ("mlflow_uri", "mlflow", "mlflow")]
+    for flag, module, extra in needs:
+        if getattr(cfg, flag):
+            try:
+                __import__(module)
+            except ImportError:
+                return (f"--{flag} needs the {module} package, which is not installed; install "
+                        f"it with pip install 'jax-bcd-distributed[{extra}]' (or drop --{flag}).")
+    return None
+
+
+def test_report(run_task: Any, engine: Any, model: Any) -> dict[str, float]:
+    """The held-out numbers of ``model``: against the embedded data's truth (psf), and the
+    task's metrics on every row of ``--test_data`` (``test_<metric>``)."""
+    out = dict(run_task.report(model))
+    if run_task.test is not None:
+        scores = engine.evaluator_for(run_task.test)(model)
+        out.update({f"test_{k}": v for k, v in scores.items()})
+    return out
+
+
+def export(model: Any, path: Path, cfg: TrainConfig, result: Any) -> None:
+    """The trained model in the single-file format (`distributed.load_model` rebuilds it).
+    Call on every process (process 0 writes)."""
+    hist = result.history
+    save_checkpoint(model, path, make_metadata(
+        step=result.final_step, epoch=len(hist.get("train_loss", [])),
+        train_loss=(hist.get("train_loss") or [None])[-1],
+        val_loss=(hist.get("val_loss") or [None])[-1], config=cfg.to_dict()))
 
 
 def summary(*, result: Any, sha: str, wall_s: float, nonfinite: int, mesh: Any,

@@ -26,14 +26,15 @@ from ..core.step import StepOptions
 from ..data import DataError
 from ..engine import Engine, build
 from ..loop import Checkpointer, RecoveryPolicy, TrainingDiverged, run_loop
+from ..loop.profiling import Profile
 from ..runtime import CoordinatorError, check_devices, exit_codes, initialize
 from ..runtime.goodput import Ledger, read_previous_attempt
 from ..runtime.signals import StopRequest
 from ..runtime.watchdog import Watchdog
-from . import outputs
-from .config import TrainConfig, from_dict, result_fields
+from . import logs, outputs
+from .config import TrainConfig, from_dict, profile_range, result_fields
 from .tasks import RunTask, make_task
-from .workdir import SetupError, Workdir, check_same_run, write_json
+from .workdir import SetupError, Workdir, check_same_run, disk_full, write_json
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,8 @@ class _Run:
     engine: Engine = None
     manager: CheckpointManager | None = None
     restored: dict | None = None
+    writer: outputs.RunWriter | None = None
+    status: str = "FAILED"  # how the run ended, for MLflow: FINISHED, KILLED (preempted)
     initial: dict = dataclasses.field(default_factory=dict)
     is_main: bool = True
 
@@ -102,6 +105,7 @@ class _Run:
                               timeout_s=cfg.init_timeout_s)
         except (ValueError, CoordinatorError) as e:
             raise SetupError(str(e)) from None
+        logs.for_process(info.process_index)
         log.info(info.log_line())
         self.is_main = info.process_index == 0
         error = None
@@ -122,6 +126,9 @@ class _Run:
 
     def _check_task(self) -> SetupError | None:
         cfg = self.cfg
+        missing = outputs.require_extras(cfg)
+        if missing is not None:
+            return SetupError(missing)
         try:
             self.run_task = make_task(cfg)
         except (DataError, ValueError) as e:
@@ -167,7 +174,8 @@ class _Run:
                 wd.lock()
             watchdog.beat("model and optimizer initialisation")
             self.engine = build_engine(cfg, self.run_task, self.mesh)
-            self.initial = self.run_task.report(self.engine.state.model)
+            self.initial = outputs.test_report(self.run_task, self.engine,
+                                               self.engine.state.model)
             if not cfg.restart_from_scratch and wd.checkpoints.is_dir():
                 watchdog.beat("checkpoint restore")
                 self._restore()
@@ -187,6 +195,7 @@ class _Run:
             if self.restored is None or self.restored["step"] < self.target_step():
                 (wd / "summary.json").unlink(missing_ok=True)  # a new attempt is under way
         _agree(None)
+        logs.to_file(wd.path, jax.process_index())
         if self.manager is None:
             self.manager = self._manager()
 
@@ -260,7 +269,7 @@ class _Run:
     def train(self, watchdog: Watchdog) -> tuple[Any, Any]:
         cfg, engine = self.cfg, self.engine
         self._fp = _fingerprint(cfg, self.run_task)
-        writer = outputs.writers(cfg, self.wd.path, engine.plan, engine.clock) \
+        writer = self.writer = outputs.RunWriter(cfg, self.wd.path, engine.plan, engine.clock) \
             if self.is_main else None
         if self.restored is not None:
             self.ledger.previous = read_previous_attempt(self.wd / "metrics.jsonl") \
@@ -274,20 +283,19 @@ class _Run:
             lr_reduction=cfg.lr_reduction)
         ckpt = Checkpointer(self.manager, every_steps=cfg.checkpoint_every,
                             data_iterator=engine.data, metadata_fn=self.metadata)
-        try:
-            return run_loop(
-                engine.state, engine.step_fn, data_iterator=engine.data,
-                num_epochs=engine.total_epochs, clock=engine.clock, checkpointer=ckpt,
-                evaluate=engine.evaluator, show_progress=cfg.progress, log_every=cfg.log_every,
-                writer=writer, max_steps=cfg.max_steps, recovery=policy, stop=self.stop,
-                ledger=self.ledger, watchdog=watchdog)
-        finally:
-            if writer is not None:
-                writer.close()
+        start, end = profile_range(cfg)
+        callbacks = [Profile(self.wd / "tensorboard", start, end)] if end else []
+        return run_loop(
+            engine.state, engine.step_fn, data_iterator=engine.data,
+            num_epochs=engine.total_epochs, clock=engine.clock, checkpointer=ckpt,
+            evaluate=engine.evaluator, show_progress=cfg.progress, log_every=cfg.log_every,
+            writer=writer, max_steps=cfg.max_steps, recovery=policy, stop=self.stop,
+            ledger=self.ledger, watchdog=watchdog, callbacks=callbacks)
 
     def finish(self, state, result, t0: float) -> None:
-        report = self.run_task.report(state.model)
+        report = outputs.test_report(self.run_task, self.engine, state.model)
         sha = params_sha256(state.model)
+        outputs.export(state.model, self.wd / "model.eqx", self.cfg, result)
         if not self.is_main:
             return
         summary = outputs.summary(
@@ -296,6 +304,7 @@ class _Run:
             process_count=jax.process_count(), device_count=jax.device_count(), report=report,
             initial=self.initial, ledger=self.ledger, restored=self.restored)
         write_json(self.wd / "summary.json", summary)
+        self.writer.finish(summary, [self.wd / "model.eqx", self.wd / "summary.json"])
         skipped = f" ({summary['nonfinite_skipped']} updates skipped)" \
             if summary["nonfinite_skipped"] else ""
         log.info("done: step %d, train loss %s, val loss %s%s%s", result.final_step,
@@ -305,6 +314,41 @@ class _Run:
 
 def _fmt(v: Any) -> str:
     return "n/a" if v is None else f"{v:.6g}"
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def _train_and_report(r: _Run, watchdog: Watchdog, t0: float) -> int:
+    """Train, close the checkpoints, write the outputs; the exit code."""
+    try:
+        try:
+            state, result = r.train(watchdog)
+        finally:
+            watchdog.beat("closing the checkpoint manager")
+            if r.manager is not None:
+                r.manager.close()
+        if result.stopped_by == "preempted":
+            log.warning("preempted (%s): checkpoint at step %d committed; exiting with code %d",
+                        r.stop.signal_name or "stop request", result.final_step,
+                        exit_codes.PREEMPTED)
+            r.status = "KILLED"
+            return exit_codes.PREEMPTED
+        watchdog.beat("final report")
+        r.status = "FINISHED"
+        r.finish(state, result, t0)
+        return exit_codes.OK
+    except TrainingDiverged as e:
+        return _fail(str(e), 1)
+    except SetupError as e:
+        return _fail(str(e), exit_codes.USAGE)
+    except Exception as e:
+        full = disk_full(e, r.wd.path)
+        if full is None:
+            raise
+        return _fail(full, 1)
 
 
 def run(cfg: TrainConfig, stop: StopRequest | None = None) -> int:
@@ -329,32 +373,14 @@ def run(cfg: TrainConfig, stop: StopRequest | None = None) -> int:
                                     else None, process_index=jax.process_index()).start()
                 r.prepare(watchdog)
         except SetupError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            return exit_codes.USAGE
+            return _fail(str(e), exit_codes.USAGE)
         watchdog.log_dir = str(r.wd.path)
-        try:
-            state, result = r.train(watchdog)
-        except TrainingDiverged as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            return 1
-        except SetupError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            return exit_codes.USAGE
-        finally:
-            watchdog.beat("closing the checkpoint manager")
-            if r.manager is not None:
-                r.manager.close()
-        if result.stopped_by == "preempted":
-            log.warning("preempted (%s): checkpoint at step %d committed; exiting with code %d",
-                        stop.signal_name or "stop request", result.final_step,
-                        exit_codes.PREEMPTED)
-            return exit_codes.PREEMPTED
-        watchdog.beat("final report")
-        r.finish(state, result, t0)
-        return exit_codes.OK
+        return _train_and_report(r, watchdog, t0)
     finally:
         if watchdog is not None:
             watchdog.stop()
+        if r.writer is not None:
+            r.writer.close(r.status)
         if r.wd is not None:
             r.wd.unlock()
         stop.uninstall()

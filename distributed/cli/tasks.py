@@ -30,10 +30,13 @@ PSF_KEYS = ("positions", "seds", "targets", "masks")
 
 @dataclasses.dataclass(frozen=True)
 class RunTask:
-    """A command-line task: the engine `Task` and the held-out report of a trained model."""
+    """A command-line task: the engine `Task`, the report of a trained model against known
+    truth (the embedded PSF field's OPDs), and the rows of ``--test_data`` (scored with the
+    task's metrics)."""
 
     task: Task
     report: Callable[[Any], dict[str, float]] = lambda model: {}
+    test: dict[str, np.ndarray] | None = None
 
 
 def _optimizer(cfg: TrainConfig, lr: float, updates: int) -> optax.GradientTransformation:
@@ -45,33 +48,58 @@ def _optimizer(cfg: TrainConfig, lr: float, updates: int) -> optax.GradientTrans
         grad_clip_norm=cfg.grad_clip_norm or None))
 
 
-def _psf_data(cfg: TrainConfig) -> dict[str, dict[str, np.ndarray] | None]:
+def _psf_file(path: str) -> dict[str, np.ndarray]:
+    arrays = load_arrays(path, float_keys=PSF_KEYS)
+    missing = [k for k in PSF_KEYS if k not in arrays]
+    if missing:
+        raise DataError(
+            f"{path}: the psf model needs arrays {list(PSF_KEYS)} (+ optional 'weights'); "
+            f"missing {missing}. Save them with np.savez(path, positions=..., seds=..., "
+            f"targets=..., masks=...).")
+    arrays.setdefault("weights", np.ones(len(arrays["positions"]), np.float32))
+    return {k: arrays[k] for k in (*PSF_KEYS, "weights")}
+
+
+def _splits(cfg: TrainConfig, read: Callable[[str], dict], embedded: Callable[[], dict]
+            ) -> dict[str, dict[str, np.ndarray] | None]:
+    """Train / val / test rows: ``--data`` (else the embedded data), split ``--val_fraction``
+    for validation unless ``--val_data`` is given; ``--test_data`` if given."""
+    base = embedded() if not cfg.data else None
+    if cfg.data:
+        rows = read(cfg.data)
+        if cfg.val_data:
+            train, val = rows, read(cfg.val_data)
+        else:
+            train, val = split_arrays(rows, (1 - cfg.val_fraction, cfg.val_fraction), cfg.seed)
+    else:
+        train, val = base["train"], read(cfg.val_data) if cfg.val_data else base["val"]
+    test = read(cfg.test_data) if cfg.test_data else None
+    for name, rows in (("--val_data", val), ("--test_data", test)):
+        if rows is None:
+            continue
+        bad = {k: (v.shape[1:], train[k].shape[1:]) for k, v in rows.items()
+               if k in train and v.shape[1:] != train[k].shape[1:]}
+        if bad or set(rows) != set(train):
+            raise DataError(f"{name}: its arrays {sorted(rows)} do not match the training "
+                            f"data's {sorted(train)} (shapes {bad}); give the same arrays.")
+    return {"train": train, "val": val, "test": test,
+            "truth": None if base is None else base.get("truth")}
+
+
+def _psf_embedded(cfg: TrainConfig) -> dict:
     from ..models import make_star_field
 
-    if cfg.data:
-        arrays = load_arrays(cfg.data, float_keys=PSF_KEYS)
-        missing = [k for k in PSF_KEYS if k not in arrays]
-        if missing:
-            raise DataError(
-                f"{cfg.data}: the psf model needs arrays {list(PSF_KEYS)} (+ optional "
-                f"'weights'); missing {missing}. Save them with np.savez(path, positions=..., "
-                f"seds=..., targets=..., masks=...)."
-            )
-        arrays.setdefault("weights", np.ones(len(arrays["positions"]), np.float32))
-        arrays = {k: arrays[k] for k in (*PSF_KEYS, "weights")}
-        train, val = split_arrays(arrays, (1 - cfg.val_fraction, cfg.val_fraction), cfg.seed)
-        return {"train": train, "val": val, "test": None}
     field = make_star_field(n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test,
                             seed=cfg.seed)
     keep = (*PSF_KEYS, "weights")
     return {"train": {k: field["train"][k] for k in keep},
-            "val": {k: field["val"][k] for k in keep}, "test": field["test"]}
+            "val": {k: field["val"][k] for k in keep}, "truth": field["test"]}
 
 
 def psf_task(cfg: TrainConfig) -> RunTask:
     from ..models import PSFFieldModel, evaluate_psf
 
-    splits = _psf_data(cfg)
+    splits = _splits(cfg, _psf_file, lambda: _psf_embedded(cfg))
     sample = splits["train"]
     n_pix, n_lambda = sample["targets"].shape[-1], sample["seds"].shape[-1]
     kwargs = {} if not cfg.data else {"n_pix": n_pix}
@@ -99,11 +127,11 @@ def psf_task(cfg: TrainConfig) -> RunTask:
                 "masked_mse": masked_mse_loss(pred, batch["targets"], batch["masks"],
                                               as_ratio=True)}
 
-    def report(model):
-        split = splits["test"]
-        if split is None:
+    def report(model):  # against the embedded field's true OPDs
+        truth = splits["truth"]
+        if truth is None:
             return {}
-        return {f"test_{k}": v for k, v in evaluate_psf(model, split).items()}
+        return {f"test_{k}": v for k, v in evaluate_psf(model, truth).items()}
 
     plan = bcd.make_phase_plan(cfg.cycle, epochs_param=cfg.epochs_param,
                                epochs_nonparam=cfg.epochs_nonparam,
@@ -116,7 +144,7 @@ def psf_task(cfg: TrainConfig) -> RunTask:
     task = Task(model=model_fn, loss_fn=loss_fn, train=splits["train"], val=splits["val"],
                 plan=plan, blocks=bcd.model_blocks, optimizers=optimizers, metric_fn=metric_fn,
                 batch_extras=extras)
-    return RunTask(task=task, report=report)
+    return RunTask(task=task, report=report, test=splits["test"])
 
 
 def tabular_data(n: int, seed: int, n_in: int = 8, n_out: int = 2) -> dict[str, np.ndarray]:
@@ -128,28 +156,27 @@ def tabular_data(n: int, seed: int, n_in: int = 8, n_out: int = 2) -> dict[str, 
     return {"x": x, "y": (y + 0.01 * rng.normal(size=y.shape)).astype(np.float32)}
 
 
-def _mlp_data(cfg: TrainConfig) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    if not cfg.data:
-        return tabular_data(cfg.n_train, cfg.seed), tabular_data(cfg.n_val, cfg.seed + 1)
-    arrays = load_arrays(cfg.data, float_keys=("x", "y"))
+def _mlp_file(path: str) -> dict[str, np.ndarray]:
+    arrays = load_arrays(path, float_keys=("x", "y"))
     if "x" not in arrays or "y" not in arrays:
-        raise DataError(f"{cfg.data}: the mlp model needs arrays 'x' (N, features) and 'y' "
+        raise DataError(f"{path}: the mlp model needs arrays 'x' (N, features) and 'y' "
                         f"(N, outputs); found {sorted(arrays)}.")
     arrays = {"x": arrays["x"], "y": arrays["y"]}
     if arrays["y"].ndim == 1:
         arrays["y"] = arrays["y"][:, None]
     for k in ("x", "y"):
         if arrays[k].ndim != 2:
-            raise DataError(f"{cfg.data}: array {k!r} has shape {arrays[k].shape}; the mlp "
+            raise DataError(f"{path}: array {k!r} has shape {arrays[k].shape}; the mlp "
                             f"model needs 2-D arrays (N, features); reshape it first.")
-    validate_arrays(arrays, float_keys=("x", "y"), where=cfg.data)
-    return split_arrays(arrays, (1 - cfg.val_fraction, cfg.val_fraction), cfg.seed)
+    return validate_arrays(arrays, float_keys=("x", "y"), where=path)
 
 
 def mlp_task(cfg: TrainConfig) -> RunTask:
     from ..models import MLP
 
-    train, val = _mlp_data(cfg)
+    splits = _splits(cfg, _mlp_file, lambda: {"train": tabular_data(cfg.n_train, cfg.seed),
+                                               "val": tabular_data(cfg.n_val, cfg.seed + 1)})
+    train, val = splits["train"], splits["val"]
     n_in, n_out = train["x"].shape[1], train["y"].shape[1]
     model_fn = lambda: MLP(n_in, n_out, 64, 3, key=jax.random.key(cfg.seed),  # noqa: E731
                            dropout=cfg.dropout)
@@ -171,7 +198,7 @@ def mlp_task(cfg: TrainConfig) -> RunTask:
                 optimizers=lambda updates: {"all": _optimizer(cfg, cfg.learning_rate,
                                                               updates["all"])},
                 metric_fn=metric_fn)
-    return RunTask(task=task)
+    return RunTask(task=task, test=splits["test"])
 
 
 TASKS: dict[str, Callable[[TrainConfig], RunTask]] = dict(zip(MODELS, (psf_task, mlp_task),

@@ -13,22 +13,13 @@ import sys
 from absl import app, flags
 
 from ..runtime.exit_codes import USAGE
-from .config import TrainConfig, config_fields
+from . import flags as cli_flags
+from . import logs
+from .conflicts import check_import_name
 
 FLAGS = flags.FLAGS
 log = logging.getLogger(__name__)
-
-
-def _define_flags() -> None:
-    for f in config_fields():
-        help_text = f.metadata.get("help", f.name)
-        define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer,
-                  float: flags.DEFINE_float, str: flags.DEFINE_string}[type(f.default)]
-        if f.name not in FLAGS:
-            define(f.name, f.default, help_text)
-
-
-_define_flags()
+cli_flags.define()
 
 
 def _fail(message: str) -> None:
@@ -36,15 +27,14 @@ def _fail(message: str) -> None:
     sys.exit(USAGE)
 
 
-def config_from_flags() -> TrainConfig:
-    return TrainConfig(**{f.name: getattr(FLAGS, f.name) for f in config_fields()})
-
-
 def _parse_flags(argv: list[str]) -> list[str]:
+    if any(a in cli_flags.HELP_FLAGS for a in argv[1:]):
+        sys.stdout.write(cli_flags.help_text())
+        sys.exit(0)
     try:
         return FLAGS(argv)
     except flags.Error as e:
-        _fail(f"{e}. Run with --helpfull to list the flags.")
+        _fail(f"{e}. Run with --help to list the flags.")
     return []
 
 
@@ -52,7 +42,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected positional argument(s) {argv[1:]}; every option is a --flag=value.")
     try:
-        cfg = config_from_flags()
+        cfg = cli_flags.config_from_flags()
     except ValueError as e:
         _fail(str(e))
     from ..runtime.signals import StopRequest
@@ -60,10 +50,13 @@ def main(argv: list[str]) -> None:
     # Preemption on by default, from before jax starts: a signal during start-up, the first
     # compilation or a restore is remembered and handled at the first step boundary.
     stop = StopRequest().install()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        force=True)
-    for noisy in ("absl", "orbax", "jax"):  # Orbax logs every save phase at INFO
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logs.console()
+    from ..runtime.unraisable import route_closed_loop_callbacks_to_log
+
+    route_closed_loop_callbacks_to_log()
+    clash = check_import_name()
+    if clash is not None:
+        print(f"warning: {clash}", file=sys.stderr, flush=True)
     from ..runtime import configure_host_devices
 
     try:

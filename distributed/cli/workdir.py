@@ -54,10 +54,12 @@ def write_file(path: Path, text: str) -> None:
         raise SetupError(f"{path} is a symbolic link; the run never writes through links. "
                          f"Remove it or use another --workdir.")
     tmp = path.with_name(f".{path.name}.tmp")
+    if tmp.is_symlink():
+        raise SetupError(f"{tmp} is a symbolic link; the run never writes through links. "
+                         f"Remove it or use another --workdir.")
     try:
         with contextlib.suppress(FileNotFoundError):
-            if tmp.is_symlink() or tmp.exists():
-                tmp.unlink()
+            tmp.unlink()  # a leftover of an interrupted write
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -113,7 +115,7 @@ class Workdir:
             raise SetupError(f"--workdir={cfg.workdir} exists and is not a folder; choose another.")
         if not p.exists():
             return None
-        for name in OUTPUTS:
+        for name in (*OUTPUTS, *(f".{n}.tmp" for n in OUTPUTS), LOCK):
             if (p / name).is_symlink():
                 raise SetupError(f"{p / name} is a symbolic link; the run never writes through "
                                  f"links. Remove it or use another --workdir.")
@@ -179,8 +181,13 @@ class Workdir:
                 continue
             except OSError as e:
                 raise _os_error(path, e, "create") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(record, f)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(record, f)
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                raise _os_error(path, e, "write") from None
             self._locked = True
             return
         raise SetupError(f"could not take the lock {path}; another run started at the same "
@@ -213,6 +220,25 @@ class Workdir:
                 f"checkpoint steps ({', '.join(foreign[:3])}); move them away or use another "
                 f"--workdir.")
         shutil.rmtree(ck)
+
+
+def disk_full(e: BaseException, workdir: Path) -> str | None:
+    """One line for an error whose cause is a full disk (however deeply Orbax or TensorStore
+    wrapped it), naming the path and the free space; None for other errors."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left" in str(e):
+            where = getattr(e, "filename", None) or workdir
+            try:
+                free = shutil.disk_usage(workdir).free
+            except OSError:
+                free = "?"
+            return (f"no space left on the device while writing {where} ({free} bytes free in "
+                    f"{workdir}); the last committed checkpoint is intact: free some space and "
+                    f"rerun to resume.")
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def check_same_run(old: TrainConfig, new: TrainConfig, what: str) -> None:

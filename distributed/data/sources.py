@@ -88,6 +88,11 @@ def validate_arrays(
                 f"array {name!r} in {where} is a scalar; every array needs a leading example "
                 "axis (shape (N, ...))."
             )
+        if arr.ndim > 1 and 0 in arr.shape[1:]:
+            raise DataError(
+                f"array {name!r} in {where} has shape {arr.shape}: each example is empty (no "
+                f"features); give at least one value per example."
+            )
         if first is None:
             first = (name, len(arr))
         elif len(arr) != first[1]:
@@ -237,15 +242,18 @@ def _load_npz(path: str, **validate_kwargs: Any) -> InMemorySource:
 
 
 def _resolve_paths(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    if isinstance(source, (str, os.PathLike)):
-        s = os.fspath(source)
-        if any(c in s for c in "*?["):
-            paths = sorted(_glob.glob(s))
-            if not paths:
-                raise DataError(f"no data files match the pattern {s!r}; check the path.")
-            return paths
-        return [s]
-    return [os.fspath(p) for p in source]
+    if not isinstance(source, (str, os.PathLike)):
+        return [os.fspath(p) for p in source]
+    s = os.fspath(source)
+    if os.path.isdir(s):
+        raise DataError(f"{s!r} is a directory, not a data file; give an .npz or ArrayRecord "
+                        f"file, or a glob of ArrayRecord files (e.g. {s}/*.array_record).")
+    if os.path.exists(s) or not any(c in s for c in "*?["):
+        return [s]  # a real file whose name has glob characters is that file
+    paths = sorted(_glob.glob(s))
+    if not paths:
+        raise DataError(f"no data files match the pattern {s!r}; check the path.")
+    return paths
 
 
 def open_source(

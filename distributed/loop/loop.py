@@ -350,7 +350,8 @@ class _Loop:
         for h in self.hooks:
             if itstime(self.step, h.every):
                 h.fn(info)
-        if self.ckpt is not None:
+        if self.ckpt is not None and self.clock.epoch_ending_at(self.step) is None:
+            # (a step that ends an epoch is saved after the epoch's metrics: see _end_epoch)
             self._save(self.ckpt.maybe_save, self.step, self.state, self.last)
         self.progress.update(self.step)
         return metrics
@@ -394,7 +395,8 @@ class _Loop:
             self.last.update(val)
             record.update(val)
         if self.writer is not None:
-            self.writer.write(self.step, {"event": "epoch", "epoch": epoch, **record})
+            self.writer.write(self.step, {"event": "epoch", "epoch": epoch,
+                                          "steps": len(metrics), **record})
         self.progress.epoch(epoch, self.last, validated)
         if self.cbs.on_epoch_end(epoch, dict(self.last)):
             self.stopped_by = self.stopped_by or "callback"

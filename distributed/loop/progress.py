@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import sys
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,10 @@ class Progress:
             from tqdm.auto import tqdm
             from tqdm.contrib.logging import logging_redirect_tqdm
 
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+            size = shutil.get_terminal_size((0, 0))  # 0 x 0: a terminal of unknown size
+            known = size.columns > 0 and size.lines > 0
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=known,
+                            ncols=None if known else 100, nrows=None if known else 24)
             self._stack.enter_context(logging_redirect_tqdm(loggers=[logging.getLogger()]))
 
     def update(self, step: int) -> None:
