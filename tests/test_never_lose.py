@@ -321,7 +321,7 @@ def test_a_full_disk_during_a_run_is_one_line_and_keeps_the_checkpoints(tmpfs):
     assert p.returncode == 1, p.stderr[-3000:]
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no space left" in errors[0], p.stderr[-3000:]
-    assert len(p.stderr.splitlines()) < 60, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]  # TensorStore's late callbacks too
     committed = sorted(int(x.name) for x in (wd / "checkpoints").iterdir() if x.name.isdigit())
     assert committed, "the checkpoints before the disk filled up are kept"
     subprocess.run(["mount", "-o", "remount,size=32m", str(mount)], check=True)

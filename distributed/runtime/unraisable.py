@@ -4,8 +4,8 @@ When an asynchronous checkpoint write fails (a full disk, a lost mount), Orbax c
 event loop that awaited it while TensorStore still holds callbacks for the other chunks' writes;
 each then hits ``RuntimeError('Event loop is closed')`` inside ``loop.call_soon_threadsafe`` and
 Python reports it through `sys.unraisablehook` -- dozens of tracebacks that bury the one real
-error. `route_closed_loop_callbacks_to_log` routes exactly those to the log (DEBUG, with a count) and
-passes every other unraisable exception to the hook that was installed before.
+error. `route_closed_loop_callbacks_to_log` routes exactly those to the log (DEBUG, once) and passes
+every other unraisable exception to the hook that was installed before.
 """
 
 from __future__ import annotations
