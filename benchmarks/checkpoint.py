@@ -3,9 +3,17 @@
 1. **Blocking vs synchronous**, for growing states (an MLP + Adam `TrainState` of ~1, 10, 50,
    200 MB, built by `distributed.engine.build`; the CLI's mesh ``data:-1``): the seconds
    `CheckpointManager.save` blocks its caller
-   with ``async_save=True`` (device -> host copies and dispatch; the write continues in the
-   background) against the seconds a synchronous save (``async_save=False``) takes, repetitions
-   interleaved. Target: blocking <= 5% of the synchronous save.
+   with ``async_save=True`` (on-device snapshot and checksums dispatched; Orbax's save runs on
+   the manager's worker thread) against the seconds a synchronous save (``async_save=False``)
+   takes, repetitions interleaved. Target: blocking <= 5% of the synchronous save from 10 MB
+   up, and <= 30 ms at 1 MB. The **first** save of a fresh manager is timed too (after
+   ``manager.warm(state)``, which compiles what the save runs on the devices): target, no
+   slower than the others.
+   **Remedies** (``remedies``): the same async save with the blocking-part remedies switched
+   on one by one, interleaved: ``before`` (checksums over every replica, read in the caller;
+   Orbax's replica-parallel slicing; Orbax's save in the caller), ``+one_replica``
+   (`deferred.save_view`), ``+deferred_checksums`` (read in Orbax's commit thread), ``+worker``
+   (on-device snapshot, Orbax's save on a worker thread: the default).
 2. **Throughput with checkpoints**: the default command-line job (PSF model, complete cycle,
    12 epochs per phase; its engine from the CLI's assembly, ``make_task`` + ``build_engine``:
    `run_loop` + `PhaseStep`/`TrainStep` + Grain) with an asynchronous checkpoint every
@@ -19,6 +27,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import tempfile
@@ -39,11 +48,17 @@ class Config:
     runs: int = 3
     blocking_target: float = 0.05
     throughput_target: float = 0.97
+    first_slack_s: float = 0.005  # first save: at most the slowest other save, or median + this
+    small_target_s: float = 0.030  # blocking at the first (~1 MB) size
+    remedies: str = "288,912"  # widths for the remedy ladder ("" to skip)
+    remedy_saves: int = 5
     quick: bool = False
     devices: int = 0
 
 
-QUICK = dict(widths="64,288", saves=1, every=3, model="mlp", epochs_per_phase=1, runs=1)
+QUICK = dict(widths="64,288", saves=1, every=3, model="mlp", epochs_per_phase=1, runs=1,
+             remedies="64", remedy_saves=1)
+REMEDIES = ("before", "+one_replica", "+deferred_checksums", "+worker")
 
 
 def mlp_state(width: int, mesh):
@@ -99,31 +114,108 @@ def time_saves(managers: dict, state, reps: int) -> dict[str, list[float]]:
     return rec
 
 
+def first_save(manager, state) -> float:
+    """Blocking seconds of a fresh manager's first save, after ``warm`` (untimed)."""
+    manager.warm(state)
+    t = time.perf_counter()
+    manager.save(0, state)
+    elapsed = time.perf_counter() - t
+    manager.wait()
+    return elapsed
+
+
 def blocking_vs_sync(cfg: Config, root: Path) -> list[dict]:
     from distributed.checkpoint import CheckpointManager
     from distributed.core.mesh import make_mesh
 
     mesh = make_mesh("data:-1")
     out = []
-    for width in (int(w) for w in cfg.widths.split(",")):
+    for i, width in enumerate(int(w) for w in cfg.widths.split(",")):
         state = mlp_state(width, mesh)
         common.block(state)
         managers = {"async": CheckpointManager(root / f"async_{width}", max_to_keep=1),
                     "sync": CheckpointManager(root / f"sync_{width}", max_to_keep=1,
                                               async_save=False)}
-        for m in managers.values():  # warm-up: directory creation, handler set-up
-            m.save(0, state)
-            m.wait()
+        first = first_save(managers["async"], state)
+        managers["sync"].warm(state)  # the sync warm-up save: directory creation, handlers
+        managers["sync"].save(0, state)
         rec = time_saves(managers, state, cfg.saves)
         nbytes = managers["sync"].step_bytes(managers["sync"].latest_step())
         for m in managers.values():
             m.close()
         s = {k: common.summarize(v, 4) for k, v in rec.items()}
-        ratio = s["async_blocking_s"]["median"] / s["sync_s"]["median"]
+        blocking = s["async_blocking_s"]["median"]
+        ratio = blocking / s["sync_s"]["median"]
+        first_ok = first <= max(s["async_blocking_s"]["max"], blocking + cfg.first_slack_s)
+        meets = ratio <= cfg.blocking_target if i else blocking <= cfg.small_target_s
         out.append({"width": width, "state_mb": round(tree_bytes(state) / 1e6, 2),
                     "on_disk_mb": round(nbytes / 1e6, 2), **s,
                     "blocking_over_sync": round(ratio, 4),
-                    "meets_target": bool(ratio <= cfg.blocking_target)})
+                    "first_save_blocking_s": round(first, 4),
+                    "first_over_median": round(first / blocking, 3),
+                    "first_no_slower": bool(first_ok),
+                    "meets_target": bool(meets and first_ok)})
+    return out
+
+
+@contextlib.contextmanager
+def remedy(name: str, manager):
+    """Switch the save path's remedies up to ``name`` (in `REMEDIES` order) on ``manager``."""
+    from distributed.checkpoint import deferred
+    from distributed.checkpoint import manager as module
+
+    level = REMEDIES.index(name)
+    saved = module.save_view, module.DEFERRED, manager._worker
+    module.save_view = deferred.save_view if level >= 1 else (lambda flat: flat)
+    module.DEFERRED = level >= 2
+    manager._worker = saved[2] if level >= 3 else None
+    try:
+        yield
+    finally:
+        module.save_view, module.DEFERRED, manager._worker = saved
+
+
+def remedy_ladder(cfg: Config, root: Path, state) -> dict[str, list[float]]:
+    """Interleaved async saves of ``state``, one manager per remedy level."""
+    from distributed.checkpoint import CheckpointManager
+
+    managers = {n: CheckpointManager(root / f"remedy_{i}", max_to_keep=1)
+                for i, n in enumerate(REMEDIES)}
+    step = {"n": 0}
+
+    def save(name):
+        m = managers[name]
+        with remedy(name, m):
+            t = time.perf_counter()
+            m.save(step["n"], state)
+            elapsed = time.perf_counter() - t
+            m.wait()  # untimed: the commit
+        step["n"] += 1
+        return elapsed
+
+    for n in REMEDIES:  # warm-up: compiles, directories
+        save(n)
+    rec: dict[str, list[float]] = {n: [] for n in REMEDIES}
+    for r in range(cfg.remedy_saves):
+        for n in (REMEDIES if r % 2 == 0 else REMEDIES[::-1]):
+            rec[n].append(save(n))
+    for m in managers.values():
+        m.close()
+    return rec
+
+
+def remedies(cfg: Config, root: Path) -> list[dict]:
+    """The async save's blocking seconds with the remedies switched on one by one."""
+    from distributed.core.mesh import make_mesh
+
+    mesh = make_mesh("data:-1")
+    out = []
+    for width in (int(w) for w in cfg.remedies.split(",") if w):
+        state = mlp_state(width, mesh)
+        common.block(state)
+        rec = remedy_ladder(cfg, root / f"remedies_{width}", state)
+        out.append({"width": width, "state_mb": round(tree_bytes(state) / 1e6, 2),
+                    **{f"{n}_blocking_s": common.summarize(v, 4) for n, v in rec.items()}})
     return out
 
 
@@ -179,13 +271,15 @@ def run(cfg: Config) -> dict:
     root = Path(tempfile.mkdtemp(prefix="bench_ckpt_"))
     try:
         sizes = blocking_vs_sync(cfg, root)
+        ladder = remedies(cfg, root)
         tp = throughput(cfg, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    worst = max(s["blocking_over_sync"] for s in sizes)
-    return {"sizes": sizes, "worst_blocking_over_sync": worst, "throughput": tp,
-            "blocking_target": cfg.blocking_target, "throughput_target": cfg.throughput_target,
-            "meets_target": bool(worst <= cfg.blocking_target and tp["meets_target"])}
+    worst = max(s["blocking_over_sync"] for s in sizes[1:] or sizes)
+    return {"sizes": sizes, "worst_blocking_over_sync": worst, "remedies": ladder,
+            "throughput": tp, "blocking_target": cfg.blocking_target,
+            "small_target_s": cfg.small_target_s, "throughput_target": cfg.throughput_target,
+            "meets_target": bool(all(s["meets_target"] for s in sizes) and tp["meets_target"])}
 
 
 if __name__ == "__main__":

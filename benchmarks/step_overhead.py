@@ -15,7 +15,8 @@ is excluded; at most ``in_flight`` steps are queued. Reported: per-step time med
 for both, the ratio of the medians and the median of per-repetition paired ratios (target:
 <= 1.03), a check that both produced the same parameters, and (``decompose``) the time of
 `TrainStep`'s compiled function called without its Python wrapper, which splits the overhead
-into in-graph extras and wrapper cost.
+into in-graph extras and wrapper cost; ``system_minimal`` is the same `TrainStep` with
+``StepOptions(metrics="minimal")`` (no ``update_norm`` reduction), through its wrapper.
 
     python benchmarks/step_overhead.py [--quick] [--devices=8] [--models=psf,mlp]
 """
@@ -91,18 +92,23 @@ def one_case(cfg: Config, model: str, mesh_name: str) -> dict:
     from distributed.cli.config import TrainConfig
     from distributed.cli.tasks import make_task
     from distributed.core.mesh import make_mesh
+    from distributed.core.step import TrainStep
 
     tcfg = TrainConfig(model=model, mesh=MESHES[mesh_name], batch_size=cfg.batch_size,
                        n_train=cfg.batch_size, n_val=8, n_test=8)
     run_task, mesh = make_task(tcfg), make_mesh(tcfg.mesh)
     # Three engines of the same run: the same initial state three times (the system's, the
     # baseline's and the compiled-function variant's). Only the first one's step is used.
-    system, ref, comp = (common.make_engine(tcfg, mesh, run_task) for _ in range(3))
+    system, ref, comp, lean_e = (common.make_engine(tcfg, mesh, run_task) for _ in range(4))
     step, blocks = system.train_step, system.blocks
     active = tuple(blocks)  # all blocks: the complete phase (psf) / plain training (mlp)
     batch = next(system.data)  # one global batch of the CLI's pipeline (n_train = batch_size)
-    for e in (system, ref, comp):
+    for e in (system, ref, comp, lean_e):
         e.data.close()
+    # The same step with StepOptions(metrics="minimal") (no update_norm), through its wrapper.
+    lean = TrainStep(step.loss_fn, step.optimizers, step.blocks, mesh=mesh,
+                     state_shardings=system.shardings,
+                     options=dataclasses.replace(step.options, metrics="minimal"))
 
     sys_state = system.state
     model_static = eqx.filter(ref.state.model, lambda x: not eqx.is_array(x))
@@ -111,7 +117,7 @@ def one_case(cfg: Config, model: str, mesh_name: str) -> dict:
     base_fn = baseline_step(system.task.loss_fn, system.optimizers, blocks, active,
                             system.shardings, mesh)(model_static)
     fn, static = step.compiled(sys_state, active)
-    holder = {"sys": sys_state, "base": (base_params, base_opt),
+    holder = {"sys": sys_state, "lean": lean_e.state, "base": (base_params, base_opt),
               "comp": eqx.filter(comp.state, eqx.is_array)}
     losses = {}
 
@@ -123,12 +129,12 @@ def one_case(cfg: Config, model: str, mesh_name: str) -> dict:
         if len(q) >= cfg.in_flight:
             q.popleft().block_until_ready()
 
-    def run_sys(n):
-        state, metrics, q = holder["sys"], None, collections.deque()
+    def run_sys(n, name="sys", train_step=step):
+        state, metrics, q = holder[name], None, collections.deque()
         for _ in range(n):
-            state, metrics = step(state, batch, active)
+            state, metrics = train_step(state, batch, active)
             pace(q, metrics["loss"])
-        holder["sys"] = common.block(state)
+        holder[name] = common.block(state)
         return metrics["loss"] if metrics else None
 
     def run_compiled(n):
@@ -151,10 +157,12 @@ def one_case(cfg: Config, model: str, mesh_name: str) -> dict:
     losses["system"] = float(run_sys(1))
     losses["baseline"] = float(run_base(1))
     run_sys(cfg.warmup - 1)
+    run_sys(cfg.warmup, "lean", lean)
     run_compiled(cfg.warmup)
     run_base(cfg.warmup - 1)
     k = cfg.steps_per_rep
-    variants = {"system": lambda: run_sys(k), "baseline": lambda: run_base(k)}
+    variants = {"system": lambda: run_sys(k), "baseline": lambda: run_base(k),
+                "system_minimal": lambda: run_sys(k, "lean", lean)}
     if cfg.decompose:
         variants["system_compiled"] = lambda: run_compiled(k)
     times = common.interleaved(variants, cfg.reps)
@@ -164,6 +172,7 @@ def one_case(cfg: Config, model: str, mesh_name: str) -> dict:
     stats = {n: common.summarize(v) for n, v in per_step.items()}
     paired = common.summarize(common.paired_ratios(per_step["system"], per_step["baseline"]), 4)
     ratio = stats["system"]["median"] / stats["baseline"]["median"]
+    lean_ratio = stats["system_minimal"]["median"] / stats["baseline"]["median"]
     extra = {}
     if cfg.decompose:
         c = stats["system_compiled"]["median"]
@@ -175,6 +184,8 @@ def one_case(cfg: Config, model: str, mesh_name: str) -> dict:
         "model": model, "mesh": dict(mesh.shape), "active_blocks": list(active),
         "system_step_s": stats["system"], "baseline_step_s": stats["baseline"], **extra,
         "ratio": round(ratio, 4), "paired_ratio": paired,
+        "system_minimal_step_s": stats["system_minimal"],
+        "ratio_minimal_metrics": round(lean_ratio, 4),
         "meets_target": bool(ratio <= cfg.target),
         "first_loss": losses, "params_max_abs_diff": max(jax.tree.leaves(diff)),
         "system_trace_counts": {"+".join(k): v for k, v in step.trace_counts.items()},

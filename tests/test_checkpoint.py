@@ -186,6 +186,7 @@ def test_async_save_returns_before_commit_and_wait_commits(tmp_path, getkey, mon
         assert ckpt.save(7, state)
         assert ckpt.last_save_blocking_s is not None and ckpt.last_save.total_s is None
         assert not os.path.exists(_step_dir(directory, 7))  # not committed yet
+        ckpt.latest_step()  # waits for Orbax's save to start on the manager's worker thread
         assert glob.glob(str(directory / "7.orbax-checkpoint-tmp*"))
         release.set()
         ckpt.wait()

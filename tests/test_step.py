@@ -241,3 +241,22 @@ def test_unknown_block_is_a_clear_error():
                                 lambda m: {"all": bcd.complete_filter(m)}, opts)
     with pytest.raises(ValueError, match="unknown block"):
         step(state, batch, ("param",))
+
+
+@pytest.mark.parametrize("mesh_spec", ["data:8", "fsdp:8"])
+def test_minimal_metrics_step_gives_identical_parameters(mesh_spec):
+    model_fn = lambda: SemiParam(n_feat=16, key=jax.random.key(1))
+    phases = [("param",), ("param", "nonparam"), ("param", "nonparam")]
+    full, full_losses = _run(model_fn, mesh_spec, phases)
+    lean, lean_losses = _run(model_fn, mesh_spec, phases,
+                             options=StepOptions(metrics="minimal"))
+    assert lean_losses == full_losses
+    assert_trees_equal((lean.model, lean.opt_state), (full.model, full.opt_state))
+    state, step, batch = _setup(model_fn, make_mesh(mesh_spec), bcd.model_blocks,
+                                {"param": optax.adam(1e-2), "nonparam": optax.adam(3e-3)},
+                                StepOptions(metrics="minimal"))
+    _, metrics = step(state, batch, ("param",))
+    assert {"loss", "grad_norm", "finite", "nonfinite_count"} <= set(metrics)
+    assert "update_norm" not in metrics
+    with pytest.raises(ValueError, match="metrics='some'"):
+        StepOptions(metrics="some")

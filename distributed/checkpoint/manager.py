@@ -28,6 +28,7 @@ Plain Orbax reads a step too: ``ocp.CheckpointManager(dir).restore(step)`` retur
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -37,10 +38,12 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from .checksum import array_checksums
+from .deferred import DEFERRED, Checksums, Deferred, MetadataHandler, Worker, save_view, warm
 from .flat import (
     data_record,
     scalar_leaves,
@@ -74,6 +77,33 @@ def _best_fn(name: str, mode: str) -> Callable[[dict], float]:
         return value if math.isfinite(value) else worst  # a NaN step is never the best
 
     return best_fn
+
+
+def _handlers() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    """The items' handlers. Explicit: without them a fresh manager cannot read the items'
+    metadata."""
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    state_handler, json_handler = ocp.StandardCheckpointHandler(), ocp.JsonCheckpointHandler()
+    meta_handler = MetadataHandler()  # reads the checksums in the commit thread
+    registry.add("state", ocp.args.StandardSave, state_handler)
+    registry.add("state", ocp.args.StandardRestore, state_handler)
+    registry.add("metadata", ocp.args.JsonSave, meta_handler)
+    registry.add("metadata", ocp.args.JsonRestore, meta_handler)
+    registry.add("data", ocp.args.JsonSave, json_handler)
+    registry.add("data", ocp.args.JsonRestore, json_handler)
+    return registry
+
+
+def _warn_incomplete_steps(directory: str) -> None:
+    if not os.path.isdir(directory):
+        return
+    for name in sorted(os.listdir(directory)):
+        if match := _TMP_STEP.match(name):
+            logger.warning(
+                "ignoring incomplete checkpoint step %s in %s: an interrupted save left %s "
+                "(Orbax deletes it)",
+                *(match.group(1), directory, name),
+            )
 
 
 # -------------------------------------------------------------------------------- the manager
@@ -115,12 +145,15 @@ class CheckpointManager:
             raise ValueError(f"`best_mode` must be 'min' or 'max', got {best_mode=}.")
         if keep_best is not None and keep_best < 0:
             raise ValueError(f"`keep_best` must be None or >= 0, got {keep_best=}.")
-        self.directory = os.fspath(directory)
+        self.directory = os.path.abspath(os.fspath(directory))  # Orbax needs absolute paths
         self.best_metric = best_metric
         self.last_save: SaveStats | None = None
         self._async = async_save
+        # Single process, asynchronous: Orbax's own blocking part runs on a worker thread,
+        # after the arrays are copied on their devices (see `deferred`).
+        self._worker = Worker() if async_save and jax.process_count() == 1 and DEFERRED else None
         self._start = 0.0
-        self._warn_incomplete_steps()
+        _warn_incomplete_steps(self.directory)
 
         keep: list[Any] = [policies.LatestN(n=max_to_keep)]
         best_fn = None if best_metric is None else _best_fn(best_metric, best_mode)
@@ -144,30 +177,34 @@ class CheckpointManager:
             cleanup_tmp_directories=True,
             create=True,
         )
-        # Explicit handlers: without them a fresh manager cannot read the items' metadata.
-        registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-        state_handler, json_handler = ocp.StandardCheckpointHandler(), ocp.JsonCheckpointHandler()
-        registry.add("state", ocp.args.StandardSave, state_handler)
-        registry.add("state", ocp.args.StandardRestore, state_handler)
-        registry.add("metadata", ocp.args.JsonSave, json_handler)
-        registry.add("metadata", ocp.args.JsonRestore, json_handler)
-        registry.add("data", ocp.args.JsonSave, json_handler)
-        registry.add("data", ocp.args.JsonRestore, json_handler)
         self._mngr = ocp.CheckpointManager(
-            self.directory, options=options, handler_registry=registry
+            self.directory, options=options, handler_registry=_handlers()
         )
+
+    def _idle(self) -> None:
+        if self._worker is not None:  # Orbax's manager is not thread-safe: one caller at a time
+            self._worker.wait(raise_error=False)
 
     def all_steps(self) -> list[int]:
         """The committed steps, ascending."""
+        self._idle()
         return sorted(self._mngr.all_steps())
 
     def latest_step(self) -> int | None:
         """The newest committed step, or `None`."""
+        self._idle()
         return self._mngr.latest_step()
 
     def best_step(self) -> int | None:
         """The step with the best `best_metric` (the latest step if none is tracked)."""
+        self._idle()
         return self._mngr.best_step()
+
+    def warm(self, state: Any) -> None:
+        """Compile what `save` runs on the devices (checksums, and the on-device snapshot of
+        asynchronous saves) for states like ``state``, so that the first save compiles
+        nothing. Optional: call it once before training, e.g. after restoring."""
+        warm(save_view(to_flat(state)[0]), copies=self._worker is not None)
 
     @property
     def last_save_blocking_s(self) -> float | None:
@@ -191,8 +228,13 @@ class CheckpointManager:
     ) -> bool:
         """Start saving the arrays of `state` as `step`.
 
-        With `async_save`, this returns once the arrays are copied off device (the caller may
-        then donate them); `wait()` blocks until the step is committed. Timings: `last_save`.
+        With `async_save`, this returns once the arrays are safe from the caller (it may then
+        donate them): in a single-process run, once copies of them on their devices and their
+        checksums are dispatched (Orbax's own save then runs on a worker thread; the copies
+        cost device memory until Orbax has them on the host), otherwise once Orbax has copied
+        them to the host. `wait()` blocks until the step is committed (and raises a failed
+        save's error). Timings: `last_save`. `warm(state)` first, and the first save compiles
+        nothing.
 
         Args:
             step: the step number; a step not after the latest is skipped.
@@ -219,23 +261,33 @@ class CheckpointManager:
                 )
         t0 = time.perf_counter()
         self.wait()
+        background = self._worker is not None
+        if background and not (force or self._mngr.should_save(int(step))):
+            logger.info("checkpoint step %d skipped (latest: %s)", step, self.latest_step())
+            return False
         flat, impls = to_flat(state)
-        items = {"state": ocp.args.StandardSave(flat), "metadata": ocp.args.JsonSave(metadata)}
+        flat = save_view(flat)  # one replica of each replicated array (single process)
+        custom = {"format": _FORMAT, "prng_impls": impls, "scalars": scalar_leaves(state)}
+        if DEFERRED:  # dispatched now, read in Orbax's commit thread (see `deferred`)
+            checksums = Checksums(flat, copies=background)
+            flat, item = checksums.copies, Deferred(metadata, custom, checksums)
+        else:
+            item, custom["checksums"] = metadata, array_checksums(flat)
+        items = {"state": ocp.args.StandardSave(flat), "metadata": ocp.args.JsonSave(item)}
         if data_iterator is not None:
             items["data"] = ocp.args.JsonSave(data_record(data_iterator.get_state()))
 
         self._start = time.perf_counter()
         stats = self.last_save = SaveStats(int(step), self._start - t0, math.nan)
+        call = functools.partial(
+            self._mngr.save, int(step), args=ocp.args.Composite(**items), metrics=metrics,
+            force=force, custom_metadata=custom)  # Orbax writes it after the items' commits
         try:
-            saved = self._mngr.save(
-                int(step),
-                args=ocp.args.Composite(**items),
-                metrics=metrics,
-                force=force,
-                custom_metadata={"format": _FORMAT, "prng_impls": impls,
-                                 "checksums": array_checksums(flat),
-                                 "scalars": scalar_leaves(state)},
-            )
+            if background:
+                self._worker.submit(call)
+                saved = True
+            else:
+                saved = call()
         except BaseException:
             self.last_save = None
             raise
@@ -256,6 +308,8 @@ class CheckpointManager:
 
     def wait(self) -> None:
         """Block until the pending save (if any) has committed; raises its error, if any."""
+        if self._worker is not None:
+            self._worker.wait()
         self._mngr.wait_until_finished()
         stats = self.last_save
         if stats is None or stats.bytes is not None:
@@ -274,6 +328,8 @@ class CheckpointManager:
         try:
             self.wait()
         finally:
+            if self._worker is not None:
+                self._worker.close()
             self._mngr.close()
 
     def __enter__(self) -> CheckpointManager:
@@ -308,14 +364,3 @@ class CheckpointManager:
         self.wait()
         return restore(self._mngr, self.directory, abstract_state, step=step,
                        data_iterator=data_iterator)
-
-    def _warn_incomplete_steps(self) -> None:
-        if not os.path.isdir(self.directory):
-            return
-        for name in sorted(os.listdir(self.directory)):
-            if match := _TMP_STEP.match(name):
-                logger.warning(
-                    "ignoring incomplete checkpoint step %s in %s: an interrupted save left %s "
-                    "(Orbax deletes it)",
-                    *(match.group(1), self.directory, name),
-                )

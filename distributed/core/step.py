@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 LossFn = Callable[..., Any]
 STEP_IMPLS = ("jit", "shard_map")
+STEP_METRICS = ("full", "minimal")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -56,6 +57,11 @@ class StepOptions:
             what it returns (a pair whose second item is a dict).
         impl: ``"jit"`` (XLA inserts the collectives) or ``"shard_map"`` (explicit ``psum``).
         donate: donate the state's buffers to the step.
+        metrics: ``"full"`` (default) returns every metric `TrainStep` documents;
+            ``"minimal"`` leaves out ``update_norm`` (a second global reduction over every
+            updated leaf, and its cross-device all-reduce, each step). Parameters and
+            optimizer state are identical either way; the non-finite guard still sees
+            ``loss`` and ``grad_norm``.
     """
 
     grad_accum: int = 1
@@ -65,6 +71,7 @@ class StepOptions:
     has_aux: bool | None = None
     impl: Literal["jit", "shard_map"] = "jit"
     donate: bool = True
+    metrics: Literal["full", "minimal"] = "full"
 
     def __post_init__(self):
         if not isinstance(self.grad_accum, int) or self.grad_accum < 1:
@@ -76,6 +83,8 @@ class StepOptions:
                              f"{', '.join(COMPUTE_DTYPES)}.")
         if self.impl not in STEP_IMPLS:
             raise ValueError(f"impl={self.impl!r}; use one of {', '.join(STEP_IMPLS)}.")
+        if self.metrics not in STEP_METRICS:
+            raise ValueError(f"metrics={self.metrics!r}; use one of {', '.join(STEP_METRICS)}.")
 
 
 def _cast(tree: Any, dtype: str | None) -> Any:
@@ -134,7 +143,8 @@ class TrainStep:
     Call ``step(state, batch, active=("param",))`` -> ``(state, metrics)``. ``metrics`` holds
     device scalars (read them only at log points): ``loss``, ``grad_norm``, ``update_norm``,
     ``finite``, ``nonfinite_count`` (skipped updates so far), ``lr_<block>`` when the block's
-    optimizer injects its learning rate, and the loss function's aux metrics.
+    optimizer injects its learning rate, and the loss function's aux metrics
+    (``StepOptions(metrics="minimal")``: all but ``update_norm``).
 
     ``loss_fn(model, batch[, key=...])`` returns a scalar, a `Ratio`, or either with an aux dict
     (``(loss, {"name": scalar})``). When it accepts a keyword argument ``key`` it gets a fresh
@@ -265,6 +275,7 @@ class TrainStep:
                 grads, optax.EmptyState()
             )
         new_model, new_opt = model, dict(state.opt_state)
+        full = self.options.metrics == "full"
         sq_update = jnp.zeros((), jnp.float32)
         metrics: dict[str, jax.Array] = {}
         for b in active:
@@ -272,7 +283,8 @@ class TrainStep:
             p_b = eqx.filter(model, self.blocks[b])
             u_b, new_opt[b] = self.optimizers[b].update(g_b, state.opt_state[b], p_b)
             u_b = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), u_b)
-            sq_update += optax.tree.norm(u_b) ** 2
+            if full:
+                sq_update += optax.tree.norm(u_b) ** 2
             new_model = eqx.apply_updates(new_model, u_b)
             lr = current_learning_rate(new_opt[b])  # the rate this update used
             if lr is not None:
@@ -287,8 +299,10 @@ class TrainStep:
             opt_state=new_opt,
             nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32),
         )
-        metrics.update(loss=loss, grad_norm=grad_norm, update_norm=jnp.sqrt(sq_update),
-                       finite=finite.astype(jnp.int32),
+        metrics.update(loss=loss, grad_norm=grad_norm)
+        if full:
+            metrics["update_norm"] = jnp.sqrt(sq_update)
+        metrics.update(finite=finite.astype(jnp.int32),
                        nonfinite_count=new_state.nonfinite_count, **aux)
         return eqx.filter(new_state, eqx.is_array), metrics
 
