@@ -449,22 +449,28 @@ def test_slurm_sbatch_trains_with_the_cli(slurm, tmp_path):
     out_file = tmp_path / f"job-{job}.out"
     out = out_file.read_text() if out_file.exists() else "<no output file>"
     assert (state, code) == ("COMPLETED", "0:0"), out
-    # The job state is not proof that the job ran: check what the tasks printed.
+    # The job state is not proof that the job ran: check what the tasks printed (process 0
+    # on the console, every process in its log file in the workdir).
+    wd = tmp_path / "runs" / "train"  # the default: $SLURM_SUBMIT_DIR/runs/$SLURM_JOB_NAME
     for i in (0, 1):
         pat = (
-            rf"^{i}: .*\[distributed\] process {i}/2 platform=cpu local_devices=2 "
+            rf"\[distributed\] process {i}/2 platform=cpu local_devices=2 "
             r"global_devices=4 .*via=slurm$"
         )
-        assert re.search(pat, out, flags=re.M), out
+        log_text = (wd / "logs" / f"process-{i}.log").read_text()
+        assert re.search(pat, log_text, flags=re.M), log_text
+    assert re.search(r"^0: .*\[distributed\] process 0/2 .*via=slurm$", out, flags=re.M), out
+    assert not re.search(r"^1: .* INFO ", out, flags=re.M), out  # INFO: process 0 only
     done = re.findall(r"^(\d+): .* done: step (\d+),", out, flags=re.M)
     assert done == [("0", "12")], out
     assert "[slurm.sbatch] done" in out
-    # the default workdir: $SLURM_SUBMIT_DIR/runs/$SLURM_JOB_NAME, written by process 0 only
-    wd = tmp_path / "runs" / "train"
+    # the outputs are written by process 0 only
     assert sorted(p.name for p in wd.iterdir()) == [
         "checkpoints",
         "config.json",
+        "logs",
         "metrics.jsonl",
+        "model.eqx",
         "summary.json",
     ]
     s = json.loads((wd / "summary.json").read_text())
