@@ -32,5 +32,5 @@ lint: $(PY)
 	$(PY) -m ruff check distributed tests benchmarks launch
 
 bench: $(PY)
-	for b in step_overhead vs_seed_loop data checkpoint scaling transformer; do \
+	for b in step_overhead vs_seed_loop data checkpoint scaling transformer vs_peers; do \
 		$(PY) benchmarks/$$b.py --devices=8 || exit 1; done

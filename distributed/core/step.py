@@ -188,6 +188,7 @@ class TrainStep:
         self._compiled: dict[Any, Callable] = {}
         self._fast: dict[Any, tuple] = {}
         self.trace_counts: dict[tuple[str, ...], int] = {}
+        self.multi_steps: dict[Any, Any] = {}  # `core.multistep.for_step`'s, by batch layout
 
     # -- the loss as (terms, aux) ---------------------------------------------------------------
     def _terms(self, diff, static_arrays, static_rest, batch, key) -> tuple[Ratio, dict]:

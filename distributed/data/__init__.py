@@ -7,6 +7,7 @@ from .pipeline import BatchIndices as BatchIndices
 from .pipeline import epoch_batches as epoch_batches
 from .pipeline import epoch_permutation as epoch_permutation
 from .pipeline import make_dataset as make_dataset
+from .resident import DeviceData as DeviceData
 from .sources import ArrayRecordSource as ArrayRecordSource
 from .sources import ArraySource as ArraySource
 from .sources import DataError as DataError

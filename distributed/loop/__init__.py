@@ -8,10 +8,10 @@ from .callbacks import StepInfo as StepInfo
 from .checkpointing import Checkpointer as Checkpointer
 from .loop import LoopResult as LoopResult
 from .loop import run_loop as run_loop
-from .loop import train_loop as train_loop
 from .periodic import itstime as itstime
 from .recovery import RecoveryPolicy as RecoveryPolicy
 from .recovery import TrainingDiverged as TrainingDiverged
+from .train_loop import train_loop as train_loop
 from .writers import JsonlWriter as JsonlWriter
 from .writers import MultiWriter as MultiWriter
 from .writers import TensorBoardWriter as TensorBoardWriter

@@ -45,6 +45,13 @@ class Callback:
     def on_step_end(self, step: int, info: StepInfo) -> None:
         pass
 
+    def next_step_boundary(self, step: int) -> int | None:
+        """With many steps per dispatch (device-resident input), `on_step_end` runs once per
+        dispatch, at its end: the first step count after ``step`` at which this callback must
+        see the state. Default: every step if `on_step_end` is overridden, else ``None`` (no
+        constraint)."""
+        return None if type(self).on_step_end is Callback.on_step_end else step + 1
+
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> bool | None:
         """Return True to stop training after this epoch."""
 
@@ -67,6 +74,10 @@ class CallbackList:
     def on_step_end(self, step, info):
         for c in self.callbacks:
             c.on_step_end(step, info)
+
+    def next_step_boundary(self, step) -> int | None:
+        ends = [b for c in self.callbacks if (b := c.next_step_boundary(step)) is not None]
+        return min(ends) if ends else None
 
     def on_epoch_end(self, epoch, metrics) -> bool:
         stop = False
@@ -108,6 +119,9 @@ class EarlyStopping(Callback):
 
     def on_step_end(self, step, info):
         self._state = info.state
+
+    def next_step_boundary(self, step):
+        return None  # it keeps the latest state, read at epoch ends (where chunks end)
 
     def _improved(self, value: float) -> bool:
         if self.mode == "min":

@@ -63,6 +63,10 @@ class Checkpointer:
         self.restored, self.saved_at = {"step": step, "metadata": meta}, step
         return state, step
 
+    def warm(self, state: Any) -> None:
+        """Compile what a save runs on the devices, so the first save compiles nothing."""
+        self.manager.warm(state)
+
     def maybe_save(self, step: int, state: Any, last: dict, *,
                    epoch_end: int | None = None) -> SaveStats | None:
         """Save if a step period (or, after epoch ``epoch_end``, an epoch period) is due."""

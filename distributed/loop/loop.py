@@ -25,6 +25,7 @@ from ..runtime.goodput import Ledger
 from ..runtime.signals import StopRequest
 from .callbacks import Callback, CallbackList, Hook, StepInfo
 from .checkpointing import Checkpointer
+from .chunks import Chunk, chunk_end, per_step, steps_per_call
 from .periodic import itstime
 from .progress import Progress
 from .recovery import FiniteWatch, Guard, RecoveryPolicy, TrainingDiverged
@@ -47,12 +48,12 @@ class LoopResult:
     ledger: Ledger
 
 
-def _mean_metrics(items: Sequence[dict[str, Any]]) -> dict[str, float]:
+def mean_metrics(items: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Per-key means of a list of step metrics, in one transfer. Steps whose update was skipped
     (``finite == 0``) are left out of every mean but ``finite``'s own (the fraction finite)."""
     if not items:
         return {}
-    host = jax.device_get(list(items))
+    host = jax.device_get(per_step(items))
     keep = [m for m in host if float(np.asarray(m.get("finite", 1))) > 0]
     out = {}
     for k in dict.fromkeys(k for m in host for k in m):
@@ -66,89 +67,6 @@ def _state_counts(state: Any) -> tuple[int, int]:
     """``(step, nonfinite_count)`` of a `TrainState` (zeros for other states)."""
     got = jax.device_get((getattr(state, "step", 0), getattr(state, "nonfinite_count", 0)))
     return int(got[0]), int(got[1])
-
-
-def train_loop(
-    state: Any,
-    train_step_fn: Callable[[Any, Any, Any], tuple[Any, dict]],
-    data_iterator_fn: Callable[[], Iterable] | None,
-    num_epochs: int,
-    num_batches: int,
-    rng_key: jax.Array | None,
-    checkpoint_dir: str | None = None,
-    checkpoint_every: int = 1,
-    val_step_fn: Callable[[Any, Any, Any], tuple[Any, dict]] | None = None,
-    val_data_iterator: Iterable | Callable[[], Iterable] | None = None,
-    val_num_batches: int | None = None,
-    show_progress: bool = True,
-    **options: Any,
-) -> tuple[Any, History]:
-    """Train for ``num_epochs`` epochs of ``num_batches`` batches (seed 002's API).
-
-    Args:
-        state: the training state (any pytree; a `TrainState` has its ``step`` read on resume).
-        train_step_fn: ``(state, batch, rng_key) -> (new_state, metrics_dict)``; metrics are
-            device scalars, read by the loop only at log points and epoch ends.
-        data_iterator_fn: ``() -> iterator of batches`` for one epoch (called once per epoch).
-        num_epochs: epochs to run.
-        num_batches: batches per epoch.
-        rng_key: base PRNG key; step ``s`` gets its own key, ``fold_in(rng_key, s)`` (``None``:
-            pass None).
-        checkpoint_dir: save asynchronous Orbax checkpoints here (``None``: no checkpoints).
-        checkpoint_every: save every this many epochs.
-        val_step_fn: ``(state, batch, rng_key) -> (state, metrics_dict)``.
-        val_data_iterator: validation batches: an iterable (materialised once and reused each
-            epoch) or a zero-argument callable returning a fresh iterator.
-        val_num_batches: validation batches per evaluation (default: all).
-        show_progress: a tqdm bar on a terminal, periodic log lines otherwise.
-        **options: see `run_loop` (``evaluate`` — e.g. a `distributed.engine.Evaluator`, which
-            scores every row — callbacks, hooks, data_iterator, checkpointer, resume, ...).
-
-    Returns:
-        ``(final_state, history)``: history maps ``train_<metric>`` / ``val_<metric>`` to
-        per-epoch lists.
-    """
-    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-        raise ValueError(f"num_batches={num_batches!r} must be a positive integer.")
-    if val_step_fn is not None:
-        options["evaluate"] = _ValSteps(val_step_fn, val_data_iterator, val_num_batches, rng_key)
-    made = checkpoint_dir is not None and "checkpointer" not in options
-    if made:
-        options["checkpointer"] = Checkpointer(checkpoint_dir, every_epochs=checkpoint_every,
-                                               data_iterator=options.get("data_iterator"))
-    try:
-        state, result = run_loop(state, train_step_fn, data_iterator_fn=data_iterator_fn,
-                                 num_epochs=num_epochs, clock=EpochClock(num_batches, 1),
-                                 rng_key=rng_key, show_progress=show_progress, **options)
-    finally:
-        if made:
-            options["checkpointer"].close()
-    return state, result.history
-
-
-class _ValSteps:
-    """``evaluate(state)`` from seed 002's ``val_step_fn`` and validation batches."""
-
-    def __init__(self, val_step_fn, source, num, rng_key):
-        self.fn, self.source, self.num, self.rng_key = val_step_fn, source, num, rng_key
-        self.cache: list | None = None
-
-    def __call__(self, state) -> dict[str, float]:
-        if callable(self.source) and not hasattr(self.source, "__next__"):
-            batches = iter(self.source())
-        else:
-            if self.cache is None:
-                src = self.source if self.source is not None else ()
-                self.cache = list(itertools.islice(src, self.num) if self.num else src)
-            batches = iter(self.cache)
-        if self.num:
-            batches = itertools.islice(batches, self.num)
-        results = []
-        for i, batch in enumerate(batches):
-            key = None if self.rng_key is None else jax.random.fold_in(self.rng_key,
-                                                                        2**31 - 1 - i)
-            results.append(self.fn(state, batch, key)[1])
-        return _mean_metrics(results)
 
 
 def run_loop(
@@ -253,12 +171,15 @@ class _Loop:
         self.stopped_by: str | None = None
         self.resumed_from: int | None = None
         self.in_flight: collections.deque = collections.deque()
-        self.pending: tuple[int, dict] | None = None
+        self.pending: tuple[int, dict | Chunk] | None = None
+        self.per_call = steps_per_call(fn, data_iterator, recovery=self.guard is not None)
 
     # -- the whole run ------------------------------------------------------------------------
     def run(self, *, resume: bool, show_progress) -> tuple[Any, LoopResult]:
         if resume and self.ckpt is not None:
             self._restore()
+        if self.ckpt is not None:
+            self.ckpt.warm(self.state)
         self.step, self.count = _state_counts(self.state)
         self.watch = FiniteWatch(self.step, self.count)
         end = min(self.total, self.max_steps) if self.max_steps else self.total
@@ -306,17 +227,23 @@ class _Loop:
         return iter(self.ledger.timed_iter(batches, "data_wait"))
 
     # -- one epoch ----------------------------------------------------------------------------
-    def _epoch(self, epoch: int) -> list[dict]:
-        metrics: list[dict] = []
+    def _stopping(self) -> bool:
+        """Whether to stop before the next step (checked before fetching: a fetched batch
+        moves the saved data position)."""
+        self.beat(f"stop check at step {self.step}")
+        if self.stop is not None and self.stop.requested(self.step):
+            self.stopped_by = "preempted"
+        elif self.max_steps and self.step >= self.max_steps:
+            self.stopped_by = "max_steps"
+        return self.stopped_by is not None
+
+    def _epoch(self, epoch: int) -> list[dict | Chunk]:
+        if self.per_call > 1:
+            return self._epoch_in_chunks(epoch)
+        metrics: list[dict | Chunk] = []
         batches = self._batches(epoch)
         while self.step < self.clock.steps(epoch + 1):
-            # Check before fetching: a fetched batch moves the saved data position.
-            self.beat(f"stop check at step {self.step}")
-            if self.stop is not None and self.stop.requested(self.step):
-                self.stopped_by = "preempted"
-                break
-            if self.max_steps and self.step >= self.max_steps:
-                self.stopped_by = "max_steps"
+            if self._stopping():
                 break
             self.beat(f"data fetch for step {self.step + 1}")
             batch = next(batches, _END)
@@ -324,6 +251,33 @@ class _Loop:
                 break
             metrics.append(self._dispatch(batch, epoch))
         return metrics
+
+    def _epoch_in_chunks(self, epoch: int) -> list[dict | Chunk]:
+        """`_epoch` with many steps per dispatch: chunks that end where host work is due."""
+        chunks: list[dict | Chunk] = []
+        limit = self.clock.steps(epoch + 1)
+        if self.max_steps:
+            limit = min(limit, self.max_steps)
+        periods = [self.log_every, *(h.every for h in self.hooks)]
+        if self.ckpt is not None:
+            periods.append(self.ckpt.every_steps)
+        if self.stop is not None and jax.process_count() > 1:
+            periods.append(self.stop.sync_every)  # the steps where processes agree
+        while self.step < self.clock.steps(epoch + 1):
+            if self._stopping():
+                break
+            start = self.step
+            end = chunk_end(start, limit, periods=periods, cap=self.per_call, boundaries=(
+                1, self.fn.next_boundary(start), self.cbs.next_step_boundary(start)))
+            self.beat(f"steps {start + 1}..{end}")
+            with self.ledger.step_timer(start):
+                self.state, metrics = self.fn.run_many(self.state, start, end - start)
+            self.data.advance(end - start)
+            self.step = end
+            chunk = Chunk(start, end - start, metrics)
+            self._after_dispatch(chunk, epoch)
+            chunks.append(chunk)
+        return chunks
 
     def _dispatch(self, batch: Any, epoch: int) -> dict:
         """Run one step, then do the host work of the step before it."""
@@ -333,52 +287,73 @@ class _Loop:
         with self.ledger.step_timer(self.step):
             self.state, metrics = self.fn(self.state, batch, key, **kwargs)
         self.step += 1
+        self._after_dispatch(metrics, epoch)
+        return metrics
+
+    def _after_dispatch(self, metrics: dict | Chunk, epoch: int) -> None:
+        """The host work after dispatching a step (or a chunk of steps)."""
         # Bound the dispatch queue (XLA:CPU collectives can deadlock with thousands of queued
         # multi-device steps); waiting on a step max_in_flight back is free.
-        leaves = jax.tree.leaves(metrics)
+        leaves = jax.tree.leaves(metrics.metrics if isinstance(metrics, Chunk) else metrics)
         if leaves:
             self.in_flight.append(leaves[0])
             if len(self.in_flight) > self.max_in_flight:
-                self.in_flight.popleft().block_until_ready()
+                with self.ledger.timer("step"):  # waiting for the device to catch up
+                    self.in_flight.popleft().block_until_ready()
         if self.guard is not None:
             self.guard.observe(self.step, self.state)
         if self.pending is not None:
             self._handle(self.pending)
         self.pending = (self.step, metrics)
-        info = StepInfo(step=self.step, epoch=epoch, state=self.state, metrics=metrics)
-        self.cbs.on_step_end(self.step, info)
-        for h in self.hooks:
-            if itstime(self.step, h.every):
+        due = [h for h in self.hooks if itstime(self.step, h.every)]
+        if self.cbs.callbacks or due:
+            info = StepInfo(step=self.step, epoch=epoch, state=self.state,
+                            metrics=metrics.last() if isinstance(metrics, Chunk) else metrics)
+            self.cbs.on_step_end(self.step, info)
+            for h in due:
                 h.fn(info)
         if self.ckpt is not None and self.clock.epoch_ending_at(self.step) is None:
             # (a step that ends an epoch is saved after the epoch's metrics: see _end_epoch)
             self._save(self.ckpt.maybe_save, self.step, self.state, self.last)
-        self.progress.update(self.step)
-        return metrics
+        with self.ledger.timer("logging"):
+            self.progress.update(self.step)
 
-    def _handle(self, done: tuple[int, dict], force: bool = False) -> None:
-        """Host work for a finished step (called after the next step was dispatched)."""
+    def _handle(self, done: tuple[int, dict | Chunk], force: bool = False) -> None:
+        """Host work for a finished step or chunk (called after the next was dispatched)."""
         s, metrics = done
+        if isinstance(metrics, Chunk):
+            with self.ledger.timer("step"):  # the chunk's results: waits for its steps
+                rows = metrics.rows()
+            for i, row in enumerate(rows):
+                self._handle_step(metrics.start + i + 1, row, force and i == len(rows) - 1)
+        else:
+            self._handle_step(s, metrics, force)
+
+    def _handle_step(self, s: int, metrics: dict, force: bool) -> None:
         at_log = itstime(s, self.log_every, first=True)
         if not (at_log or force or self.guard is not None):
             return
-        host = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+        with self.ledger.timer("step"):  # waits for the step
+            host = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
         if "nonfinite_count" in host:
             self.count = int(host["nonfinite_count"])
             self.watch.observe(s, self.count)
         if self.guard is not None:
             self.state = self.guard.check(s, host, self.state)
         if at_log:
-            host.update(self.ledger.rates(s))
-            host["epoch"] = self.clock.epoch_of(s - 1)
-            self.last = {**self.last, **host}
-            if self.writer is not None:
-                self.writer.write(s, {**host, "goodput": self.ledger.snapshot()})
-            self.progress.log(s, host)
+            with self.ledger.timer("logging"):
+                host.update(self.ledger.rates(s))
+                host["epoch"] = self.clock.epoch_of(s - 1)
+                self.last = {**self.last, **host}
+                if self.writer is not None:
+                    self.writer.write(s, {**host, "goodput": self.ledger.snapshot()})
+                self.progress.log(s, host)
 
     # -- epoch ends and the end ---------------------------------------------------------------
-    def _end_epoch(self, epoch: int, metrics: list[dict]) -> None:
-        means = _mean_metrics(metrics)
+    def _end_epoch(self, epoch: int, metrics: list[dict | Chunk]) -> None:
+        with self.ledger.timer("step"):  # waits for the epoch's last steps
+            metrics = per_step(metrics)
+            means = mean_metrics(metrics)
         for k, v in means.items():
             self.history.setdefault(f"train_{k}", []).append(v)
         record = {f"train_{k}": v for k, v in means.items()}
@@ -394,10 +369,11 @@ class _Loop:
                 self.history.setdefault(k, []).append(v)
             self.last.update(val)
             record.update(val)
-        if self.writer is not None:
-            self.writer.write(self.step, {"event": "epoch", "epoch": epoch,
-                                          "steps": len(metrics), **record})
-        self.progress.epoch(epoch, self.last, validated)
+        with self.ledger.timer("logging"):
+            if self.writer is not None:
+                self.writer.write(self.step, {"event": "epoch", "epoch": epoch,
+                                              "steps": len(metrics), **record})
+            self.progress.epoch(epoch, self.last, validated)
         if self.cbs.on_epoch_end(epoch, dict(self.last)):
             self.stopped_by = self.stopped_by or "callback"
         if self.stopped_by is None and self.ckpt is not None:

@@ -42,6 +42,9 @@ class Profile(Callback):
         if info.step < self.start <= info.step + 1:
             self._begin(info.step + 1)
 
+    def next_step_boundary(self, step: int) -> int | None:
+        return next((b for b in (self.start - 1, self.end) if b > step), None)
+
     def on_step_end(self, step: int, info: StepInfo) -> None:
         if not self.active and step == self.start - 1:
             self._begin(self.start)

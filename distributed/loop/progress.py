@@ -14,8 +14,10 @@ _SHOWN = ("loss", "grad_norm", "samples_per_sec")
 
 
 def _fmt(values: dict, keep) -> str:
+    """``k=v`` pairs of the kept numbers; an ensemble's per-member values (``*_member<i>``) stay
+    in the records, out of the console line."""
     return " ".join(f"{k}={v:.4g}" for k, v in values.items()
-                    if keep(k) and isinstance(v, (int, float)))
+                    if keep(k) and "_member" not in k and isinstance(v, (int, float)))
 
 
 class Progress:
@@ -68,7 +70,8 @@ class Progress:
                      _fmt(last, lambda k: k.startswith("train_loss") or (validated and
                                                                          k.startswith("val_"))))
         elif self.mode == "bar" and validated:
-            log.info("epoch %d %s", epoch, _fmt(last, lambda k: k.startswith("val_")))
+            log.info("epoch %d %s", epoch, _fmt(last, lambda k: k.startswith(("train_loss",
+                                                                                "val_"))))
 
     def close(self) -> None:
         self._stack.close()

@@ -1,9 +1,12 @@
 """A goodput ledger: where the wall time of a run went, and the productive fraction.
 
 Categories (seconds): ``setup`` (runtime, mesh, data and checkpoint-manager set-up, timed by the
-command line), ``compile`` (jax's compile events, wherever they happen), ``step``, ``data_wait``,
-``checkpoint_blocking``, ``validation``, ``restore``, and ``other`` = wall minus all of them, so
-the parts add up to the wall time by construction (a test checks that no two overlap).
+command line), ``compile`` (jax's compile events, wherever they happen), ``step`` (dispatching
+steps and waiting for their results), ``data_wait``, ``checkpoint_blocking``, ``validation``,
+``restore``, ``logging`` (the host's share of log points and epoch ends: log lines, metric
+records, the progress display), and ``other`` = wall minus all of them (the loop's own Python,
+callbacks, the final outputs), so the parts add up to the wall time by construction (a test
+checks that no two overlap).
 
 Work lost on a restart: when a run resumes, `read_previous_attempt` reads the workdir's
 ``metrics.jsonl``: the last step the previous attempt logged and that attempt's step rate (from
@@ -25,15 +28,15 @@ import jax
 
 _DONE = object()
 CATEGORIES = ("setup", "compile", "step", "data_wait", "checkpoint_blocking", "validation",
-              "restore")
+              "restore", "logging")
 
 
 class Ledger:
     """Accumulates seconds per category; compile time comes from jax's compile events.
 
-    ``step`` is the host time spent calling the train step minus compilation: with
-    asynchronous dispatch the host waits there for the device whenever the queue is full, so it
-    is the device compute time as seen by the loop. ``goodput`` = step / wall.
+    ``step`` is the host time spent calling the train step, and waiting for its results (the
+    loop times those waits as ``step`` too), minus compilation: with asynchronous dispatch it is
+    the device compute time as seen by the loop. ``goodput`` = step / wall.
     """
 
     def __init__(self, samples_per_step: int = 0):
