@@ -26,6 +26,7 @@ from .core.bcd import phase_at as phase_at
 from .core.bcd import phase_boundaries as phase_boundaries
 from .core.bcd import union as union
 from .core.clock import EpochClock as EpochClock
+from .core.ensemble import Ensemble as Ensemble
 from .core.fingerprint import params_sha256 as params_sha256
 from .core.losses import calculate_sample_weights as calculate_sample_weights
 from .core.losses import l1_schedule_rule as l1_schedule_rule
@@ -37,6 +38,7 @@ from .core.losses import total_loss as total_loss
 from .core.losses import weighted_masked_mse_loss as weighted_masked_mse_loss
 from .core.mesh import BATCH_AXES as BATCH_AXES
 from .core.mesh import DATA as DATA
+from .core.mesh import ENSEMBLE as ENSEMBLE
 from .core.mesh import FSDP as FSDP
 from .core.mesh import TENSOR as TENSOR
 from .core.mesh import check_batch_size as check_batch_size

@@ -23,6 +23,7 @@ EXPECTED = {
     "scaling": {"memory", "compiles", "meets_target"},
     "transformer": {"tokens_per_s", "achieved_tflops", "mfu", "step_s", "params"},
     "vs_peers": {"peers", "measured", "meets_target"},
+    "ensemble": {"members", "samples_per_s", "ratio", "target", "meets_target"},
 }
 SUITE = ["transformer", "step_overhead", "vs_seed_loop", "checkpoint", "vs_peers", "data"]
 
@@ -57,6 +58,12 @@ def test_step_overhead_compares_the_same_training():
         assert case["first_loss"]["system"] == pytest.approx(case["first_loss"]["baseline"])
         assert case["params_max_abs_diff"] < 1e-5
         assert set(case["system_trace_counts"].values()) == {1}
+
+
+def test_ensemble_benchmark_trains_the_same_members_as_the_single_runs():
+    record = run_quick("ensemble")
+    assert record["members"] == 8 and record["ensemble_mesh"].startswith("ensemble:8")
+    assert record["members_vs_singles_max_rel_diff"] < 1e-5
 
 
 def test_checkpoint_reports_first_save_and_remedies():

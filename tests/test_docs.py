@@ -109,8 +109,11 @@ def test_bash_blocks_run_as_written(tmp_path):
     runs = repo / "runs"
     assert sorted((runs / "default" / "report").glob("*.png"))
     assert np.load(repo / "pred.npz")["pred"].shape[0] == 5
-    for name in ("quick", "quick_again", "mine", "mine_split", "tracked", "two_hosts"):
+    for name in ("quick", "quick_again", "mine", "mine_split", "tracked", "two_hosts",
+                 "ensemble", "sweep"):
         assert (runs / name / "summary.json").is_file(), name
+    ensemble = np.load(repo / "ens.npz")
+    assert ensemble["pred_members"].shape[0] == 4 and ensemble["pred_std"].shape == (1000, 2)
     assert "nothing to do" in p.stderr
     assert "resumed from checkpoint step 20" in p.stderr
     assert list((runs / "tracked" / "tensorboard" / "plugins" / "profile").rglob("*.xplane.pb"))

@@ -257,7 +257,8 @@ def load_model(path: str | os.PathLike, *, constructor: Callable | None = None,
         key: PRNG key for building the model before its weights are loaded; default `key(0)`.
 
     Returns:
-        `(model, metadata)`.
+        `(model, metadata)`. A file holding an ensemble (header ``"ensemble": {"members": K,
+        ...}``) gives every member at once: each array has a leading axis of size K.
 
     Raises:
         FileNotFoundError: no such file.
@@ -268,4 +269,8 @@ def load_model(path: str | os.PathLike, *, constructor: Callable | None = None,
     metadata = read_metadata(path)
     template = rebuild(metadata, key=jax.random.key(0) if key is None else key,
                        constructor=constructor, where=str(path))
+    members = (metadata.get("ensemble") or {}).get("members")
+    if members:
+        template = jax.tree.map(lambda x: jax.ShapeDtypeStruct((int(members), *x.shape), x.dtype)
+                                if eqx.is_array(x) else x, template)
     return load_checkpoint(template, path), metadata

@@ -14,14 +14,25 @@ import re
 from typing import Any
 
 from ..core.bcd import CYCLES as _CYCLES
+from ..core.bcd import NONPARAM, PARAM
 from ..core.optim import OPTIMIZERS, SCHEDULES
 from ..core.sharding import STRATEGIES as SHARDINGS
 from ..core.step import STEP_IMPLS
+from ..engine.assembly import DEVICE_DATA
 from ..loop.progress import MODES as PROGRESS
 
 MODELS = ("psf", "mlp")
 CYCLES = tuple(_CYCLES)
 COMPUTE_DTYPES = ("float32", "bfloat16")
+SWEEP_TARGETS: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
+    "psf": {"lr_param": ((PARAM, "learning_rate"),),
+            "lr_nonparam": ((NONPARAM, "learning_rate"),),
+            "weight_decay": ((PARAM, "weight_decay"), (NONPARAM, "weight_decay"))},
+    "mlp": {"learning_rate": (("all", "learning_rate"),),
+            "weight_decay": (("all", "weight_decay"),)},
+}
+"""Per ``--model``: each ``--sweep`` field -> the (block, optimizer setting) it sets."""
+SWEEP_FIELDS = ("learning_rate", "lr_param", "lr_nonparam", "weight_decay")
 
 
 GROUPS = ("run", "data", "mesh and sharding", "multi-process", "BCD and epochs", "optimizer",
@@ -42,6 +53,13 @@ class TrainConfig:
                       "checkpoints/, model.eqx. Re-running with the same workdir resumes.", "run")
     model: str = _f("psf", f"Model to train: one of {MODELS}.", "run")
     seed: int = _f(0, "Seed of the model init, data split and data order.", "run")
+    init_seed: int = _f(-1, "Seed of the model init alone (-1: --seed); the data split and "
+                        "order still follow --seed.", "run")
+    ensemble: int = _f(0, "Train K models at once (an ensemble: member i initialised from "
+                       "--init_seed + i, all on the same batches), split over the mesh axis "
+                       "'ensemble' (e.g. --mesh=ensemble:4,data:2). 0: one model, or one member "
+                       "per --sweep value (a sweep's members all start from --init_seed).",
+                       "run")
     max_steps: int = _f(0, "Stop after this many steps in total (0: no limit).", "run")
     force: bool = _f(False, "Reuse a workdir whose config.json differs from this run's (or a "
                      "non-empty folder that holds no run).", "run")
@@ -58,6 +76,9 @@ class TrainConfig:
     n_test: int = _f(256, "Embedded PSF field: held-out test stars for the final report.",
                      "data")
     batch_size: int = _f(64, "Global batch size (split over data x fsdp and processes).", "data")
+    device_data: str = _f("auto", f"Keep the training data on the devices and run many steps "
+                          f"per dispatch (the same batches and results): one of {DEVICE_DATA} "
+                          f"(auto: when the data fit).", "data")
     # -- mesh and sharding
     mesh: str = _f("data:-1,fsdp:1,tensor:1", "Mesh axes data/fsdp/tensor; -1 = the rest.",
                    "mesh and sharding")
@@ -102,6 +123,9 @@ class TrainConfig:
                         "each phase (as WaveDiff).", "optimizer")
     dropout: float = _f(0.0, "mlp: dropout rate after each hidden layer (0: none).",
                         "optimizer")
+    sweep: str = _f("", "FIELD:v1,v2,...: ensemble member i trains with the i-th value of "
+                    f"FIELD, one of {', '.join(SWEEP_FIELDS)} (as the model uses them); "
+                    "the number of values is the ensemble size.", "optimizer")
     # -- checkpointing
     checkpoint_every: int = _f(100, "Save a checkpoint every N steps (0: only at the end).",
                                "checkpointing")
@@ -145,6 +169,7 @@ class TrainConfig:
         "max_steps", "restart_from_scratch", "force", "allow_changed_inputs", "log_every",
         "progress", "watchdog_s",
         "async_checkpoint", "tensorboard", "mesh", "sharding", "step_impl", "checkpoint_every",
+        "device_data",
         "max_to_keep", "mlflow_uri", "profile_steps",
     )
 
@@ -181,6 +206,7 @@ def validate(cfg: TrainConfig) -> None:
     _choice("optimizer", cfg.optimizer, OPTIMIZERS)
     _choice("schedule", cfg.schedule, SCHEDULES)
     _choice("step_impl", cfg.step_impl, STEP_IMPLS)
+    _choice("device_data", cfg.device_data, DEVICE_DATA)
     _choice("compute_dtype", cfg.compute_dtype, COMPUTE_DTYPES)
     _choice("sharding", cfg.sharding, SHARDINGS)
     _choice("progress", cfg.progress, PROGRESS)
@@ -208,6 +234,10 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("weight_decay", "grad_clip_norm", "l2_param", "l1_rate", "explosion_factor",
                  "watchdog_s"):
         _at_least(name, getattr(cfg, name), 0.0)
+    _at_least("init_seed", cfg.init_seed, -1)
+    _at_least("ensemble", cfg.ensemble, 0)
+    if cfg.sweep:
+        parse_sweep(cfg)
     if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"--dropout={cfg.dropout} must be in [0, 1).")
     if not 0.0 < cfg.lr_reduction <= 1.0:
@@ -236,6 +266,56 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(
             f"--process_id={cfg.process_id} must be in [0, --num_processes={cfg.num_processes})."
         )
+
+
+def parse_sweep(cfg: TrainConfig) -> tuple[str, tuple[float, ...]]:
+    """``--sweep=FIELD:v1,v2,...`` as ``(FIELD, values)``.
+
+    Raises:
+        ValueError: malformed, an unknown field or one the model does not use, a value out of
+            the field's range, or a number of values other than ``--ensemble``.
+    """
+    field, sep, text = cfg.sweep.partition(":")
+    field, usable = field.strip(), tuple(SWEEP_TARGETS[cfg.model])
+    if not sep or not text.strip():
+        raise ValueError(f"--sweep={cfg.sweep!r} is not FIELD:v1,v2,...; e.g. "
+                         f"--sweep={usable[0]}:1e-3,3e-3,1e-2.")
+    if field not in SWEEP_FIELDS:
+        raise ValueError(f"--sweep={cfg.sweep}: unknown sweep field {field!r}; sweep one of "
+                         f"{', '.join(usable)} (--model={cfg.model}).")
+    if field not in usable:
+        raise ValueError(f"--sweep={cfg.sweep}: --model={cfg.model} does not use --{field}; "
+                         f"sweep one of {', '.join(usable)}.")
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--sweep={cfg.sweep}: the values must be numbers separated by commas, "
+                         f"e.g. --sweep={field}:1e-3,3e-3.") from None
+    low_ok = (lambda v: v >= 0) if field == "weight_decay" else (lambda v: v > 0)
+    bad = [v for v in values if not (math.isfinite(v) and low_ok(v))]
+    if bad:
+        raise ValueError(f"--sweep={cfg.sweep}: {bad[0]} is not a valid --{field}; it must be "
+                         f"a finite number {'>= 0' if field == 'weight_decay' else '> 0'}.")
+    if cfg.ensemble and len(values) != cfg.ensemble:
+        raise ValueError(f"--sweep={cfg.sweep} has {len(values)} values but --ensemble="
+                         f"{cfg.ensemble}; give one value per member, or --ensemble="
+                         f"{len(values)}.")
+    return field, values
+
+
+def ensemble_size(cfg: TrainConfig) -> int:
+    """K: ``--ensemble``, else the number of ``--sweep`` values, else 1."""
+    return cfg.ensemble or (len(parse_sweep(cfg)[1]) if cfg.sweep else 1)
+
+
+def is_ensemble(cfg: TrainConfig) -> bool:
+    """Whether the run trains an ensemble (``--ensemble`` > 1 or a ``--sweep``)."""
+    return cfg.ensemble > 1 or bool(cfg.sweep)
+
+
+def init_seed(cfg: TrainConfig) -> int:
+    """The model's initialisation seed (member 0's in an ensemble)."""
+    return cfg.seed if cfg.init_seed < 0 else cfg.init_seed
 
 
 def profile_range(cfg: TrainConfig) -> tuple[int, int]:

@@ -3,6 +3,7 @@ MLflow), ``summary.json`` and the exported ``model.eqx``."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from ..checkpoint import make_metadata, save_checkpoint
 from ..core import bcd
 from ..core.clock import EpochClock
+from ..core.ensemble import member, member_key
 from ..loop.writers import JsonlWriter, MLflowWriter, MultiWriter, TensorBoardWriter
 from .config import TrainConfig
 
@@ -73,22 +75,37 @@ def require_extras(cfg: TrainConfig) -> str | None:
 
 def test_report(run_task: Any, engine: Any, model: Any) -> dict[str, float]:
     """The held-out numbers of ``model``: against the embedded data's truth (psf), and the
-    task's metrics on every row of ``--test_data`` (``test_<metric>``)."""
-    out = dict(run_task.report(model))
+    task's metrics on every row of ``--test_data`` (``test_<metric>``). For an ensemble:
+    member ``i``'s as ``<name>_member<i>`` and the mean over the (finite) members as ``<name>``."""
+    if getattr(engine, "ensemble", None) is None:
+        out = dict(run_task.report(model))
+    else:
+        out = {}
+        for i in range(engine.ensemble.size):
+            out.update({member_key(k, i): v for k, v in run_task.report(member(model, i)).items()})
+        for k in {k.rsplit("_member", 1)[0] for k in out}:
+            vals = [out[member_key(k, i)] for i in range(engine.ensemble.size)]
+            ok = [v for v in vals if math.isfinite(v)]
+            out[k] = sum(ok) / len(ok) if ok else math.nan
     if run_task.test is not None:
         scores = engine.evaluator_for(run_task.test)(model)
         out.update({f"test_{k}": v for k, v in scores.items()})
     return out
 
 
-def export(model: Any, path: Path, cfg: TrainConfig, result: Any) -> None:
+def export(model: Any, path: Path, cfg: TrainConfig, result: Any,
+           ensemble: dict | None = None) -> None:
     """The trained model in the single-file format (`distributed.load_model` rebuilds it).
-    Call on every process (process 0 writes)."""
+    Call on every process (process 0 writes). ``ensemble``: the header record of an
+    ensemble's members (every member is in the file, stacked on a leading axis)."""
     hist = result.history
-    save_checkpoint(model, path, make_metadata(
+    meta = make_metadata(
         step=result.final_step, epoch=len(hist.get("train_loss", [])),
         train_loss=(hist.get("train_loss") or [None])[-1],
-        val_loss=(hist.get("val_loss") or [None])[-1], config=cfg.to_dict()))
+        val_loss=(hist.get("val_loss") or [None])[-1], config=cfg.to_dict())
+    if ensemble is not None:
+        meta["ensemble"] = ensemble
+    save_checkpoint(model, path, meta)
 
 
 def summary(*, result: Any, sha: str, wall_s: float, nonfinite: int, mesh: Any,

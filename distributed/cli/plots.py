@@ -19,6 +19,7 @@ from .records import (
     fmt,
     gapped,
     held_out_metrics,
+    members,
     number,
     phases,
     series,
@@ -150,6 +151,31 @@ def plot_validation(fig, run: Run) -> None:
     axes[-1].set_xlabel("step")
 
 
+def plot_members(fig, run: Run) -> None:
+    """Each ensemble member's epoch-mean training loss (solid) and validation loss (dashed)."""
+    ax = fig.subplots()
+    values: list[float] = []
+    best = run.summary.get("best_member")
+    for i in members(run):
+        colour = f"C{i % 10}"
+        for key, style, what in ((f"train_loss_member{i}", "-", "train"),
+                                 (f"val_loss_member{i}", "--", "validation")):
+            xs, ys = series(run.epochs, key)
+            if xs:
+                star = " (best)" if i == best and what == "validation" else ""
+                ax.plot(xs, ys, style, lw=2.2 if i == best else 1.4, color=colour, gid=key,
+                        label=f"member {i} {what}{star}")
+                values += ys
+    if not values:
+        return _empty(ax, "no per-member records")
+    _log_if_positive(ax, values)
+    decorate(ax, run, names=True)
+    ax.set(xlabel="step", ylabel=unit(run, "loss", "\n"))
+    ax.set_title("Ensemble members: epoch-mean training loss (solid), validation loss (dashed)",
+                 pad=16)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
 def plot_test(fig, run: Run) -> None:
     names = held_out_metrics(run)
     axes = fig.subplots(1, len(names), squeeze=False)[0]
@@ -196,11 +222,13 @@ def plot_throughput(fig, run: Run) -> None:
 
 FIGURES = {"loss.png": (plot_loss, (10, 5)), "optimizer.png": (plot_optimizer, (10, 8)),
            "validation.png": (plot_validation, (10, 3.4)), "test.png": (plot_test, (9, 4)),
+           "members.png": (plot_members, (10, 5)),
            "throughput.png": (plot_throughput, (10, 6))}
 
 
 def make_figures(run: Run) -> dict[str, Any]:
-    """``{file name: matplotlib Figure}``; ``test.png`` only when summary.json has test metrics.
+    """``{file name: matplotlib Figure}``; ``test.png`` only when summary.json has test metrics,
+    ``members.png`` only for an ensemble (per-member records).
 
     Raises:
         ReportError: matplotlib is not installed.
@@ -214,6 +242,8 @@ def make_figures(run: Run) -> dict[str, Any]:
     out = {}
     for name, (draw, (w, h)) in FIGURES.items():
         if name == "test.png" and not held_out_metrics(run):
+            continue
+        if name == "members.png" and not members(run):
             continue
         if name == "validation.png":
             h *= max(1, len(validation_groups(run)))

@@ -11,7 +11,10 @@ written by `distributed.save_checkpoint` for a model it can rebuild), or the wor
 - ``psf``: ``positions`` (N, 2) in field coordinates and ``seds`` (N, n_lambda) ->
   ``pred`` (N, n_pix, n_pix), PSFs normalised to sum 1.
 
-``--out``: the ``.npz`` to write, holding ``pred`` (float32). The model runs in inference mode
+``--out``: the ``.npz`` to write, holding ``pred`` (float32). For an ensemble's file (a run
+with ``--ensemble`` or ``--sweep``) ``pred`` is the mean over the members, ``pred_std`` their
+standard deviation per output (ddof 0) and ``pred_members`` each member's, shape (K, N, ...).
+The model runs in inference mode
 (dropout off), in batches of ``--batch_size`` rows (the last one padded, so one compilation).
 The output is written atomically (a temporary file, then a rename): bad input — a missing or
 unreadable file, a missing array, a wrong shape, NaN/inf — ends with exit code 2, one
@@ -68,8 +71,9 @@ def model_kind(model) -> str:
                        f"{type(model).__name__}: call the model from Python instead.")
 
 
-def load(path: str) -> tuple[object, str]:
-    """``(model, kind)`` from a model file or a workdir holding ``model.eqx``.
+def load(path: str) -> tuple[object, str, int]:
+    """``(model, kind, members)`` from a model file or a workdir holding ``model.eqx``
+    (``members``: the ensemble's size, 0 for a single model).
 
     Raises:
         PredictError: no such file, or not a model file this package can rebuild.
@@ -83,12 +87,12 @@ def load(path: str) -> tuple[object, str]:
         raise PredictError(f"--model={path}: no such file; give the model.eqx a training run "
                            f"wrote (<workdir>/model.eqx) or a file from save_checkpoint.")
     try:
-        model, _ = load_model(p)
+        model, meta = load_model(p)
     except (CheckpointError, OSError, ValueError, TypeError, EOFError) as e:
         first = (str(e).splitlines()[0] if str(e) else type(e).__name__).rstrip(".")
         raise PredictError(f"--model={path} is not a readable model file ({first}); give a "
                            f"file written by a training run or by save_checkpoint.") from None
-    return model, model_kind(model)
+    return model, model_kind(model), int((meta.get("ensemble") or {}).get("members") or 0)
 
 
 def read_inputs(path: str, need: dict[str, tuple], kind: str) -> dict[str, np.ndarray]:
@@ -145,9 +149,10 @@ def _describe(need: dict[str, tuple]) -> str:
     return " and ".join(f"{k} of shape {dims(s)}" for k, s in need.items())
 
 
-def predict(model, kind: str, inputs: dict[str, np.ndarray], batch_size: int = 256
-            ) -> np.ndarray:
-    """The model's outputs for every row of ``inputs``, float32, in inference mode.
+def predict(model, kind: str, inputs: dict[str, np.ndarray], batch_size: int = 256,
+            members: int = 0) -> np.ndarray:
+    """The model's outputs for every row of ``inputs``, float32, in inference mode: ``(N, ...)``,
+    or ``(K, N, ...)`` for an ensemble of ``members`` = K (each member's).
 
     Rows are run ``batch_size`` at a time; the last batch is padded (by repeating its last
     row) so every batch has one shape and the forward pass compiles once.
@@ -158,9 +163,13 @@ def predict(model, kind: str, inputs: dict[str, np.ndarray], batch_size: int = 2
     model = eqx.nn.inference_mode(model)
     names = list(inputs)
     if kind == "equinox.nn.MLP":  # one example per call: vmapped over the rows
-        step = eqx.filter_jit(lambda m, *xs: jax.vmap(m)(*xs))
+        single = lambda m, *xs: jax.vmap(m)(*xs)  # noqa: E731
     else:  # this package's models take batches
-        step = eqx.filter_jit(lambda m, *xs: m(*xs))
+        single = lambda m, *xs: m(*xs)  # noqa: E731
+    if members:  # every member (leading axis of each array) on the same rows
+        step = eqx.filter_jit(lambda m, *xs: eqx.filter_vmap(lambda mm: single(mm, *xs))(m))
+    else:
+        step = eqx.filter_jit(single)
     n = len(inputs[names[0]])
     size = min(batch_size, n)
     outs = []
@@ -169,8 +178,9 @@ def predict(model, kind: str, inputs: dict[str, np.ndarray], batch_size: int = 2
         pad = size - len(chunk[0])
         chunk = [np.concatenate([c, np.repeat(c[-1:], pad, axis=0)]) if pad else c
                  for c in chunk]
-        outs.append(np.asarray(step(model, *chunk))[:size - pad])
-    return np.concatenate(outs).astype(np.float32)
+        out = np.asarray(step(model, *chunk))
+        outs.append(out[:, :size - pad] if members else out[:size - pad])
+    return np.concatenate(outs, axis=1 if members else 0).astype(np.float32)
 
 
 def write_npz(path: str, **arrays: np.ndarray) -> None:
@@ -221,12 +231,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (warning := check_import_name()) is not None:
         print(f"warning: {warning}", file=sys.stderr)
     try:
-        model, kind = load(args.model)
+        model, kind, members = load(args.model)
         inputs = read_inputs(args.data, _inputs_for(model, kind), kind)
     except PredictError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return USAGE
-    pred = predict(model, kind, inputs, args.batch_size)
+    pred = predict(model, kind, inputs, args.batch_size, members)
+    if members:
+        write_npz(args.out, pred=pred.mean(0), pred_std=pred.std(0), pred_members=pred)
+        print(f"wrote pred, pred_std {pred.shape[1:]} and pred_members {pred.shape} (ensemble "
+              f"of {members} {kind} models, {pred.shape[1]} rows) to {args.out}")
+        return 0
     write_npz(args.out, pred=pred)
     print(f"wrote pred {pred.shape} ({kind} model, {len(pred)} rows) to {args.out}")
     return 0

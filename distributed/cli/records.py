@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,16 @@ UNITS = {  # what a metric's number is, per --model (by name without train_/val_
     "": {"grad_norm": "L2 norm (active blocks)", "update_norm": "L2 norm (active blocks)",
          "samples_per_sec": "samples / s", "lr": "learning rate"},
 }
+
+
+_MEMBER = re.compile(r"_member(\d+)$")
+
+
+def members(run: Run) -> list[int]:
+    """The ensemble members with per-member epoch records (``train_loss_member<i>``, ...)."""
+    found = {int(m.group(1)) for r in run.epochs for k in r
+             if (m := _MEMBER.search(k)) and number(r[k]) is not None}
+    return sorted(found)
 
 
 class ReportError(Exception):
@@ -182,7 +193,8 @@ def validation_groups(run: Run) -> list[list[str]]:
     """The ``val_*`` metrics, identical series grouped (``[["val_loss", "val_masked_mse"],
     ["val_mae"]]``): one panel each. ``val_loss`` comes first."""
     keys = sorted({k for r in run.epochs for k in r
-                   if k.startswith("val_") and number(r[k]) is not None},
+                   if k.startswith("val_") and number(r[k]) is not None
+                   and not _MEMBER.search(k)},
                   key=lambda k: (k != "val_loss", k))
     groups: list[list[str]] = []
     for k in keys:

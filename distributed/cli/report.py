@@ -13,6 +13,7 @@ resume records; plus ``summary.json`` and ``config.json`` when present. Writes i
 - ``validation.png``: one panel per distinct validation metric (identical series share one);
 - ``test.png``: held-out test metrics of the trained model against the untrained one;
 - ``throughput.png``: samples per second, and where the wall time went (goodput ledger);
+- ``members.png`` (ensembles): each member's training and validation loss per epoch;
 - ``report.txt``: the numbers in words.
 
 Losses and norms are drawn on log axes. Every axis over steps shades the BCD phases, draws their
@@ -71,6 +72,13 @@ def summary_text(run: Run) -> str:
         before = run.summary.get(f"initial_test_{name}")
         was = f" (untrained {fmt(before)})" if number(before) is not None else ""
         lines.append(f"held-out {unit(run, name)}: {fmt(run.summary[f'test_{name}'])}{was}")
+    for m in run.summary.get("members") or []:
+        if isinstance(m, dict):
+            best = " (best)" if m.get("member") == run.summary.get("best_member") else ""
+            lines.append(f"member {m.get('member')}{best}: init_seed {m.get('init_seed')}, "
+                         f"{m.get('hyperparameters')}, final train loss "
+                         f"{fmt(m.get('final_train_loss'))}, val loss "
+                         f"{fmt(m.get('final_val_loss'))}")
     if run.saves:
         lines.append(f"checkpoints saved at steps: {', '.join(map(str, run.saves))}")
     if run.resumes:

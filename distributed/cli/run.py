@@ -31,8 +31,8 @@ from ..runtime import CoordinatorError, check_devices, exit_codes, initialize
 from ..runtime.goodput import Ledger, read_previous_attempt
 from ..runtime.signals import StopRequest
 from ..runtime.watchdog import Watchdog
-from . import logs, outputs
-from .config import TrainConfig, from_dict, profile_range, result_fields
+from . import ensemble, logs, outputs
+from .config import TrainConfig, ensemble_size, from_dict, init_seed, profile_range, result_fields
 from .tasks import RunTask, make_task
 from .workdir import SetupError, Workdir, check_same_run, disk_full, write_json
 
@@ -50,8 +50,9 @@ def build_engine(cfg: TrainConfig, run_task: RunTask, mesh: Any, **kwargs: Any) 
     """The engine of a command-line run (also what the benchmarks time); ``kwargs`` go to
     `distributed.engine.build` (e.g. ``with_data=False``, ``train_step=`` to reuse one)."""
     return build(run_task.task, mesh=mesh, batch_size=cfg.batch_size, seed=cfg.seed,
-                 key=jax.random.key(cfg.seed), options=step_options(cfg), strategy=cfg.sharding,
-                 **kwargs)
+                 key=jax.random.key(init_seed(cfg)), options=step_options(cfg),
+                 strategy=cfg.sharding, ensemble=ensemble.make_ensemble(cfg),
+                 **{"device_data": cfg.device_data, **kwargs})
 
 
 def _fingerprint(cfg: TrainConfig, run_task: RunTask) -> dict[str, Any]:
@@ -114,6 +115,7 @@ class _Run:
             self.wd.check()
             self.mesh = make_mesh(cfg.mesh)
             check_devices(self.mesh)
+            ensemble.check_mesh(cfg, self.mesh)
         except (ValueError, RuntimeError) as e:
             error = e if isinstance(e, SetupError) else SetupError(f"--mesh={cfg.mesh}: {e}")
         except SetupError as e:
@@ -174,8 +176,8 @@ class _Run:
                 wd.lock()
             watchdog.beat("model and optimizer initialisation")
             self.engine = build_engine(cfg, self.run_task, self.mesh)
-            self.initial = outputs.test_report(self.run_task, self.engine,
-                                               self.engine.state.model)
+            self.initial = ensemble.split_report(outputs.test_report(
+                self.run_task, self.engine, self.engine.state.model))[0]
             if not cfg.restart_from_scratch and wd.checkpoints.is_dir():
                 watchdog.beat("checkpoint restore")
                 self._restore()
@@ -262,7 +264,8 @@ class _Run:
                 "phase": engine.plan[p].name, "phase_index": p,
                 "train_loss": last.get("train_loss"), "val_loss": last.get("val_loss"),
                 "summary": {"final_train_loss": last.get("train_loss"),
-                            "final_val_loss": last.get("val_loss")},
+                            "final_val_loss": last.get("val_loss"),
+                            **ensemble.member_losses(last)},
                 "fingerprint": self._fp, "config": self.cfg.to_dict(),
                 **describe(state.model)}
 
@@ -293,9 +296,13 @@ class _Run:
             ledger=self.ledger, watchdog=watchdog, callbacks=callbacks)
 
     def finish(self, state, result, t0: float) -> None:
-        report = outputs.test_report(self.run_task, self.engine, state.model)
+        report, per_member = ensemble.split_report(
+            outputs.test_report(self.run_task, self.engine, state.model))
         sha = params_sha256(state.model)
-        outputs.export(state.model, self.wd / "model.eqx", self.cfg, result)
+        members = None if self.engine.ensemble is None else ensemble.members_summary(
+            self.cfg, state.model, result.history, per_member, self.restored)
+        outputs.export(state.model, self.wd / "model.eqx", self.cfg, result,
+                       None if members is None else ensemble.header(self.cfg))
         if not self.is_main:
             return
         summary = outputs.summary(
@@ -303,7 +310,7 @@ class _Run:
             nonfinite=int(jax.device_get(state.nonfinite_count)), mesh=self.mesh,
             process_count=jax.process_count(), device_count=jax.device_count(), report=report,
             initial=self.initial, ledger=self.ledger, restored=self.restored)
-        write_json(self.wd / "summary.json", summary)
+        write_json(self.wd / "summary.json", {**summary, **(members or {})})
         self.writer.finish(summary, [self.wd / "model.eqx", self.wd / "summary.json"])
         skipped = f" ({summary['nonfinite_skipped']} updates skipped)" \
             if summary["nonfinite_skipped"] else ""
@@ -360,7 +367,7 @@ def run(cfg: TrainConfig, stop: StopRequest | None = None) -> int:
     t0 = time.perf_counter()
     stop = (stop or StopRequest()).install()
     stop.keep_jax_away()  # else jax.distributed's preemption notifier takes SIGTERM from us
-    ledger = Ledger(samples_per_step=cfg.batch_size)
+    ledger = Ledger(samples_per_step=cfg.batch_size * ensemble_size(cfg))
     r = _Run(cfg, ledger, stop)
     watchdog = None
     try:

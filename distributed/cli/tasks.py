@@ -23,7 +23,7 @@ from ..core.losses import (
 from ..core.optim import OptimizerConfig, make_optimizer
 from ..data import DataError, load_arrays, split_arrays, validate_arrays
 from ..engine import Task
-from .config import MODELS, TrainConfig
+from .config import MODELS, TrainConfig, init_seed, is_ensemble
 
 PSF_KEYS = ("positions", "seds", "targets", "masks")
 
@@ -40,12 +40,21 @@ class RunTask:
 
 
 def _optimizer(cfg: TrainConfig, lr: float, updates: int) -> optax.GradientTransformation:
-    """The run's optimizer for one block; its schedule spans that block's ``updates``."""
+    """The run's optimizer for one block; its schedule spans that block's ``updates``. With
+    ``--sweep`` its learning rate and weight decay live in its state (one per member)."""
     return make_optimizer(OptimizerConfig(
         name=cfg.optimizer, learning_rate=lr, schedule=cfg.schedule,
         warmup_steps=cfg.warmup_steps, total_steps=max(updates, cfg.warmup_steps + 1),
         T0=cfg.scheduler_T0, weight_decay=cfg.weight_decay,
-        grad_clip_norm=cfg.grad_clip_norm or None))
+        grad_clip_norm=cfg.grad_clip_norm or None), sweepable=bool(cfg.sweep))
+
+
+def _model(cfg: TrainConfig, from_key: Callable[[jax.Array], Any]) -> Any:
+    """The task's model: ``key -> model`` for an ensemble (member i from key(init seed + i)),
+    else the model of ``--init_seed`` (default ``--seed``)."""
+    if is_ensemble(cfg):
+        return from_key
+    return lambda: from_key(jax.random.key(init_seed(cfg)))
 
 
 def _psf_file(path: str) -> dict[str, np.ndarray]:
@@ -103,10 +112,10 @@ def psf_task(cfg: TrainConfig) -> RunTask:
     sample = splits["train"]
     n_pix, n_lambda = sample["targets"].shape[-1], sample["seds"].shape[-1]
     kwargs = {} if not cfg.data else {"n_pix": n_pix}
-    model_fn = lambda: PSFFieldModel(key=jax.random.key(cfg.seed), **kwargs)  # noqa: E731
+    from_key = lambda key: PSFFieldModel(key=key, **kwargs)  # noqa: E731
     import equinox as eqx
 
-    probe = eqx.filter_eval_shape(model_fn)
+    probe = eqx.filter_eval_shape(from_key, jax.random.key(0))
     if probe.n_pix != n_pix or probe.n_lambda != n_lambda:
         raise DataError(
             f"{cfg.data or 'data'}: targets are {n_pix}x{n_pix} with {n_lambda} SED bins, but the "
@@ -141,7 +150,8 @@ def psf_task(cfg: TrainConfig) -> RunTask:
     optimizers = lambda updates: {  # noqa: E731
         bcd.PARAM: _optimizer(cfg, cfg.lr_param, updates.get(bcd.PARAM, 1)),
         bcd.NONPARAM: _optimizer(cfg, cfg.lr_nonparam, updates.get(bcd.NONPARAM, 1))}
-    task = Task(model=model_fn, loss_fn=loss_fn, train=splits["train"], val=splits["val"],
+    task = Task(model=_model(cfg, from_key), loss_fn=loss_fn, train=splits["train"],
+                val=splits["val"],
                 plan=plan, blocks=bcd.model_blocks, optimizers=optimizers, metric_fn=metric_fn,
                 batch_extras=extras)
     return RunTask(task=task, report=report, test=splits["test"])
@@ -178,8 +188,7 @@ def mlp_task(cfg: TrainConfig) -> RunTask:
                                                "val": tabular_data(cfg.n_val, cfg.seed + 1)})
     train, val = splits["train"], splits["val"]
     n_in, n_out = train["x"].shape[1], train["y"].shape[1]
-    model_fn = lambda: MLP(n_in, n_out, 64, 3, key=jax.random.key(cfg.seed),  # noqa: E731
-                           dropout=cfg.dropout)
+    from_key = lambda key: MLP(n_in, n_out, 64, 3, key=key, dropout=cfg.dropout)  # noqa: E731
 
     if cfg.dropout:
         def loss_fn(model, batch, *, key):
@@ -193,7 +202,7 @@ def mlp_task(cfg: TrainConfig) -> RunTask:
         return {"loss": mse_loss(err, 0.0, as_ratio=True),
                 "mae": jnp.mean(jnp.abs(err))}
 
-    task = Task(model=model_fn, loss_fn=loss_fn, train=train, val=val,
+    task = Task(model=_model(cfg, from_key), loss_fn=loss_fn, train=train, val=val,
                 plan=bcd.single_phase_plan(cfg.epochs, ("all",)),
                 optimizers=lambda updates: {"all": _optimizer(cfg, cfg.learning_rate,
                                                               updates["all"])},

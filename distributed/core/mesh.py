@@ -1,9 +1,13 @@
-"""Device meshes with `data`, `fsdp` and `tensor` axes, and logical-to-mesh axis rules.
+"""Device meshes with `data`, `fsdp` and `tensor` axes (and `ensemble`), and logical-to-mesh
+axis rules.
 
 A mesh is described by a mapping of axis name to size, e.g. ``{"data": -1, "fsdp": 2}`` or the
 string form ``"data:-1,fsdp:2,tensor:1"``; ``-1`` takes the devices the other axes leave over.
 The mesh always has the three axes, in the order ``(data, fsdp, tensor)``, so shardings written
-against axis names work on every mesh.
+against axis names work on every mesh. A spec that names ``ensemble`` (the members of an
+ensemble, `distributed.core.ensemble`) gets that axis too, after ``data``:
+``(data, ensemble, fsdp, tensor)`` (``data`` stays outermost, so multi-process meshes keep each
+process's devices contiguous along it).
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ from jax.sharding import Mesh
 DATA = "data"
 FSDP = "fsdp"
 TENSOR = "tensor"
+ENSEMBLE = "ensemble"
 MESH_AXES = (DATA, FSDP, TENSOR)
+# Every axis a mesh may have, in mesh order; `ensemble` only when the spec names it.
+ALL_AXES = (DATA, ENSEMBLE, FSDP, TENSOR)
 
 # The mesh axes the global batch is split over.
 BATCH_AXES = (DATA, FSDP)
@@ -65,10 +72,10 @@ def parse_mesh_axes(axes: str | Mapping[str, int]) -> dict[str, int]:
         axes = parsed
     else:
         axes = dict(axes)
-    unknown = [a for a in axes if a not in MESH_AXES]
+    unknown = [a for a in axes if a not in ALL_AXES]
     if unknown:
         raise ValueError(
-            f"unknown mesh axis name(s) {unknown}; the valid axes are {list(MESH_AXES)}."
+            f"unknown mesh axis name(s) {unknown}; the valid axes are {list(ALL_AXES)}."
         )
     for name, size in axes.items():
         if not isinstance(size, (int, np.integer)) or isinstance(size, bool):
@@ -89,14 +96,15 @@ def parse_mesh_axes(axes: str | Mapping[str, int]) -> dict[str, int]:
 def resolve_mesh_shape(axes: str | Mapping[str, int], num_devices: int) -> dict[str, int]:
     """Sizes of ``(data, fsdp, tensor)`` for ``num_devices`` devices, ``-1`` resolved.
 
-    Missing axes have size 1. Without a ``-1`` the sizes must multiply to ``num_devices``
-    exactly, so that every device is used once.
+    Missing axes have size 1; ``ensemble`` is included (after ``data``) only when named.
+    Without a ``-1`` the sizes must multiply to ``num_devices`` exactly, so that every device
+    is used once.
 
     Raises:
         ValueError: the sizes do not fit ``num_devices``, naming both.
     """
     sizes = parse_mesh_axes(axes)
-    full = {a: sizes.get(a, 1) for a in MESH_AXES}
+    full = {a: sizes.get(a, 1) for a in ALL_AXES if a in MESH_AXES or a in sizes}
     fixed = math.prod(s for s in full.values() if s != -1)
     spec = ",".join(f"{a}:{s}" for a, s in full.items())
     if -1 in full.values():
@@ -118,7 +126,8 @@ def resolve_mesh_shape(axes: str | Mapping[str, int], num_devices: int) -> dict[
 def make_mesh(
     axes: str | Mapping[str, int] = "data:-1", devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
-    """Build a `jax.sharding.Mesh` with axes ``("data", "fsdp", "tensor")``.
+    """Build a `jax.sharding.Mesh` with axes ``("data", "fsdp", "tensor")`` (and ``"ensemble"``
+    after ``"data"`` when ``axes`` names it).
 
     Args:
         axes: axis sizes, as a mapping or the string ``"data:-1,fsdp:2,tensor:1"``. Missing axes
@@ -135,9 +144,9 @@ def make_mesh(
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(axes, len(devices))
-    dims = tuple(shape[a] for a in MESH_AXES)
+    dims = tuple(shape.values())
     device_array = _device_array(devices, dims)
-    return Mesh(device_array, MESH_AXES)
+    return Mesh(device_array, tuple(shape))
 
 
 def _device_array(devices: list[jax.Device], dims: tuple[int, ...]) -> np.ndarray:
@@ -148,8 +157,8 @@ def _device_array(devices: list[jax.Device], dims: tuple[int, ...]) -> np.ndarra
             if len({d.process_index for d in devices}) > 1:
                 per_host = len(devices) // len({d.process_index for d in devices})
                 if dims[0] % (len(devices) // per_host) == 0:
-                    dcn = (len(devices) // per_host, 1, 1)
-                    ici = (dims[0] // dcn[0], dims[1], dims[2])
+                    dcn = (len(devices) // per_host,) + (1,) * (len(dims) - 1)
+                    ici = (dims[0] // dcn[0], *dims[1:])
                     return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
             return mesh_utils.create_device_mesh(dims, devices)
         except (ValueError, NotImplementedError, AssertionError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -151,9 +151,14 @@ def warm_restarts_schedule(init_value, T0, T_mult=2, end_value=0.0) -> optax.Sch
     return schedule
 
 
-def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
-    """The learning-rate schedule of `cfg` (step -> lr), warmup included."""
-    lr, end = cfg.learning_rate, cfg.alpha * cfg.learning_rate
+def make_schedule(cfg: OptimizerConfig, peak: float | jax.Array | None = None) -> optax.Schedule:
+    """The learning-rate schedule of `cfg` (step -> lr), warmup included.
+
+    ``peak`` replaces ``cfg.learning_rate`` (it may be a traced float32 scalar: an ensemble
+    member's own rate, `make_optimizer(cfg, sweepable=True)`).
+    """
+    lr = cfg.learning_rate if peak is None else peak
+    end = cfg.alpha * lr
     w = cfg.warmup_steps
     if cfg.schedule == "constant":
         main = optax.constant_schedule(lr)
@@ -163,7 +168,7 @@ def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
         main = optax.linear_schedule(lr, end, cfg.total_steps - w)
     elif cfg.schedule == "exponential":
         main = optax.exponential_decay(
-            lr, cfg.transition_steps, cfg.decay_rate, end_value=end if end > 0 else None
+            lr, cfg.transition_steps, cfg.decay_rate, end_value=end if cfg.alpha > 0 else None
         )
     else:
         main = warm_restarts_schedule(lr, cfg.T0, cfg.T_mult, end)
@@ -172,36 +177,90 @@ def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, w), main], [w])
 
 
-def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+def _core(cfg: OptimizerConfig, learning_rate, weight_decay, decay: bool
+          ) -> optax.GradientTransformation:
+    """adam / adamw / sgd at ``learning_rate``; coupled L2 for adam/sgd when ``decay``."""
+    if cfg.name == "adamw":
+        return optax.adamw(learning_rate, cfg.b1, cfg.b2, cfg.eps, weight_decay=weight_decay)
+    if cfg.name == "adam":
+        tx = optax.adam(learning_rate, cfg.b1, cfg.b2, cfg.eps)
+    else:
+        tx = optax.sgd(learning_rate, momentum=cfg.momentum or None, nesterov=cfg.nesterov)
+    if decay:
+        tx = optax.chain(optax.add_decayed_weights(weight_decay), tx)
+    return tx
+
+
+def make_optimizer(cfg: OptimizerConfig, *, sweepable: bool = False
+                   ) -> optax.GradientTransformation:
     """`optax.chain(clip_by_global_norm?, clip?, inject_hyperparams(core)(schedule))`.
 
     Clipping happens first, on the raw gradients. The core is `optax.adam`, `optax.adamw`
     (decoupled weight decay) or `optax.sgd`; for adam/sgd a non-zero `weight_decay` adds
     `optax.add_decayed_weights` before the update (coupled L2).
+
+    ``sweepable=True`` keeps the peak learning rate and the weight decay as numbers in the
+    optimizer state (`SweepState.sweep`) instead of constants of the transformation, so that
+    the members of an ensemble can each hold their own (`distributed.core.ensemble`); the
+    schedule is applied to the stored peak at every update. With the same values it updates
+    exactly as ``sweepable=False`` (adam/sgd always add the decay term, ``+ 0 * params`` at 0).
     """
     if not isinstance(cfg, OptimizerConfig):
         raise TypeError(f"make_optimizer needs an OptimizerConfig, got {type(cfg).__name__}.")
-
-    def core(learning_rate):
-        if cfg.name == "adamw":
-            return optax.adamw(
-                learning_rate, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay
-            )
-        if cfg.name == "adam":
-            tx = optax.adam(learning_rate, cfg.b1, cfg.b2, cfg.eps)
-        else:
-            tx = optax.sgd(learning_rate, momentum=cfg.momentum or None, nesterov=cfg.nesterov)
-        if cfg.weight_decay:
-            tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay), tx)
-        return tx
-
     parts = []
     if cfg.grad_clip_norm:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
     if cfg.grad_clip_value:
         parts.append(optax.clip(cfg.grad_clip_value))
-    parts.append(optax.inject_hyperparams(core)(learning_rate=make_schedule(cfg)))
+    if sweepable:
+        parts.append(_sweepable(cfg))
+    else:
+        core = lambda learning_rate: _core(  # noqa: E731
+            cfg, learning_rate, cfg.weight_decay, bool(cfg.weight_decay))
+        parts.append(optax.inject_hyperparams(core)(learning_rate=make_schedule(cfg)))
     return optax.chain(*parts)
+
+
+SWEEPABLE = ("learning_rate", "weight_decay")
+"""The settings a sweepable optimizer keeps in its state (`SweepState.sweep`)."""
+
+
+class SweepState(NamedTuple):
+    """State of a sweepable optimizer (`make_optimizer(cfg, sweepable=True)`).
+
+    Attributes:
+        count: int32 scalar, updates so far.
+        hyperparams: ``{"learning_rate": float32 scalar}``, the rate the latest update used
+            (what `current_learning_rate` reads).
+        sweep: ``{"learning_rate": peak rate, "weight_decay": decay}``, float32 scalars read at
+            every update (one per member in an ensemble).
+        inner_state: the core optimizer's state.
+    """
+
+    count: jax.Array
+    hyperparams: dict[str, jax.Array]
+    sweep: dict[str, jax.Array]
+    inner_state: Any
+
+
+def _sweepable(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    def settings(count, sweep):
+        lr = jnp.asarray(make_schedule(cfg, peak=sweep["learning_rate"])(count), jnp.float32)
+        return lr, _core(cfg, lr, sweep["weight_decay"], cfg.name != "adamw")
+
+    def init(params):
+        sweep = {k: jnp.asarray(getattr(cfg, k), jnp.float32) for k in SWEEPABLE}
+        count = jnp.zeros([], jnp.int32)
+        lr, core = settings(count, sweep)
+        return SweepState(count, {"learning_rate": lr}, sweep, core.init(params))
+
+    def update(updates, state, params=None):
+        lr, core = settings(state.count, state.sweep)
+        updates, inner = core.update(updates, state.inner_state, params)
+        return updates, SweepState(optax.safe_increment(state.count), {"learning_rate": lr},
+                                   state.sweep, inner)
+
+    return optax.GradientTransformation(init, update)
 
 
 def current_learning_rate(opt_state):

@@ -150,7 +150,8 @@ class Evaluator:
 
         return reduce
 
-    def _evaluate(self, model: Any) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    def _sums(self, model: Any) -> tuple[dict[str, tuple], list[tuple[dict, int]]]:
+        """``({name: (num, den)}, [(outputs, valid rows) per chunk])`` on the host."""
         model = eqx.nn.inference_mode(model.model if _is_state(model) else model)
         totals: dict[str, Any] = {}
         outs: list[tuple[dict, int]] = []
@@ -160,7 +161,10 @@ class Evaluator:
                 totals[k] = (num, den) if k not in totals else (totals[k][0] + num,
                                                                 totals[k][1] + den)
             outs.append((out, valid))
-        totals, outs = jax.device_get((totals, outs))
+        return jax.device_get((totals, outs))
+
+    def _evaluate(self, model: Any) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        totals, outs = self._sums(model)
         scores = {k: float(Ratio(num, den).value()) for k, (num, den) in totals.items()}
         gathered = {k: np.concatenate([np.asarray(o[k])[:valid] for o, valid in outs])
                     for k in self.outputs}

@@ -29,7 +29,8 @@ class Task:
 
     Attributes:
         model: an Equinox model, or a zero-argument function building one (traced under jit so
-            that the parameters are created directly in their sharded layout).
+            that the parameters are created directly in their sharded layout). An ensemble
+            (``build(..., ensemble=...)``) needs a function of a PRNG key, ``key -> model``.
         loss_fn: ``(model, batch[, key=...]) -> loss``: a scalar, a `distributed.Ratio`, or
             either with a dict of aux metrics. ``batch`` is a dict of global arrays with the keys
             of ``train`` (plus ``batch_extras``). A ``key`` keyword gets a fresh PRNG key per step.

@@ -36,6 +36,7 @@ from ..core.step import StepOptions
 from ..data import to_global
 from ..engine import Task, build
 from ..loop import Callback, Checkpointer, EarlyStopping, RecoveryPolicy, run_loop
+from . import ensemble as ens
 from .cycle import default_mesh
 from .history import History
 from .trainer_data import as_arrays
@@ -75,7 +76,7 @@ class _Reporter(Callback):
         shown = {k: v for k, v in metrics.items() if k.startswith(("train_loss", "val_"))}
         if self.print_every and ((epoch + 1) % self.print_every == 0 or epoch == 0
                                  or epoch + 1 == self.epochs):
-            text = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+            text = " ".join(f"{k}={v:.4g}" for k, v in shown.items() if "_member" not in k)
             print(f"epoch {epoch + 1}/{self.epochs}: {text}", flush=True)
         if self.tracker is not None and hasattr(self.tracker, "log_metrics"):
             self.tracker.log_metrics(dict(shown), step=epoch)
@@ -106,7 +107,7 @@ class _Predictor:
 
 
 def _optimizer(cfg: TrainingConfig, custom: optax.GradientTransformation | None, updates: int,
-               clock: EpochClock) -> optax.GradientTransformation:
+               clock: EpochClock, sweepable: bool = False) -> optax.GradientTransformation:
     """The given optimizer, or the config's; its schedule spans ``updates`` steps (epoch-based
     settings count ``clock``'s steps per epoch)."""
     if custom is not None:
@@ -121,7 +122,7 @@ def _optimizer(cfg: TrainingConfig, custom: optax.GradientTransformation | None,
         T0=None if not cfg.scheduler_T0 else cfg.scheduler_T0 * spe,
         decay_rate=cfg.decay_rate, transition_steps=spe,
         weight_decay=cfg.weight_decay, grad_clip_norm=cfg.grad_clip_norm,
-        grad_clip_value=cfg.gradient_clip))
+        grad_clip_value=cfg.gradient_clip), sweepable=sweepable)
 
 
 def _recovery(cfg: TrainingConfig) -> RecoveryPolicy | None:
@@ -137,10 +138,11 @@ class Trainer:
     """Config-driven training over the engine and `run_loop` (seeds 001/003/004).
 
     Args:
-        model: an Equinox model. Called per example (``jax.vmap``) when ``model(x[0])`` works
-            (e.g. ``eqx.nn.MLP``), else on the batch. A ``__call__`` taking ``key=`` gets a
-            fresh PRNG key each step (per example: split from the step's key); evaluation and
-            `predict` run it in inference mode (``eqx.nn.inference_mode``).
+        model: an Equinox model, or ``key -> model`` (needed by ``config.ensemble`` / ``sweep``;
+            the trained ensemble holds every member on a leading axis). Called per example
+            (``jax.vmap``) when ``model(x[0])`` works (e.g. ``eqx.nn.MLP``), else on the batch.
+            A ``__call__`` taking ``key=`` gets a fresh PRNG key each step (per example: split
+            from the step's key); evaluation and `predict` run it in inference mode.
         config: a `TrainingConfig` or a plain dict of its fields.
         optimizer: an optax transformation used as given (else built from the config).
         callbacks: `Callback` objects (``on_epoch_end(epoch, metrics)`` ...).
@@ -172,6 +174,8 @@ class Trainer:
             config = dataclasses.replace(config, loss=params.pop("name", config.loss),
                                          loss_params=params, huber_delta=None)
         self.model, self.config, self.optimizer = model, config, optimizer
+        self.members = ens.members(config, model, optimizer)
+        self._factory = model if ens.is_factory(model) else None
         self.callbacks, self.mesh, self.tracker = list(callbacks), mesh, tracker
         self.filter_spec = filter_spec
         if loss_fn is None:
@@ -243,11 +247,14 @@ class Trainer:
         y = self._val["y"]
         n = len(y)
         flat = (lambda a: a.reshape(n)) if y.size == n else (lambda a: a.reshape(n, -1))
-        m = compute_metrics(flat(y), flat(outs["pred"]), self.config.output_names)
+        pred = outs["pred"] if self.members is None else outs["pred"].mean(0)  # ensemble mean
+        m = compute_metrics(flat(y), flat(pred), self.config.output_names)
         self._last_val = m
         self._per_output.append({k: float(v) for k, v in m["per_output_rmse"].items()})
         self._best.validated = True
-        return {"loss": scores["loss"], **{k: float(m[k]) for k in ("rmse", "mae", "mape", "r2")}}
+        members = {k: v for k, v in scores.items() if k.startswith("loss_member")}
+        return {"loss": scores["loss"], **{k: float(m[k]) for k in ("rmse", "mae", "mape", "r2")},
+                **members}
 
     def _evaluate(self, state) -> dict[str, float]:
         self._best._state = state
@@ -263,6 +270,7 @@ class Trainer:
                              per_output_rmse=self._last_val.get("per_output_rmse"),
                              config=self.config.to_dict())
         meta["training"]["test_loss"] = meta["training"]["val_loss"]
+        meta.update(ens.header(self.members))  # an ensemble: every member, stacked
         save_checkpoint(model, self.best_path, meta)
 
     # -- training -----------------------------------------------------------------------------
@@ -281,9 +289,10 @@ class Trainer:
         else:
             sample = as_arrays(train_data, "train_data")
             batch_size, clock = cfg.batch_size, None
-        predict = _Predictor(self.model, sample["x"])
+        task_model, probe = ens.task_models(self._factory or self.model, self.members, cfg.seed)
+        predict = _Predictor(probe, sample["x"])
         out_shape = eqx.filter_eval_shape(
-            lambda m, x: predict(m, x, jax.random.key(0)), self.model,
+            lambda m, x: predict(m, x, jax.random.key(0)), probe,
             jnp.asarray(sample["x"][:1])).shape[1:]
         loss, metric = self._losses(predict)
         if "weights" in sample and not takes_argument(self.loss_fn, "weights", 2):
@@ -292,20 +301,22 @@ class Trainer:
         val = as_arrays(val_data, "val_data")
         if val is not None:
             val = self._fit_targets(val, out_shape, "val_data")
-        task = Task(model=self.model, loss_fn=loss, train=self._fit_targets(
+        task = Task(model=task_model, loss_fn=loss, train=self._fit_targets(
             sample, out_shape, "train_data"), val=val,
             plan=bcd.single_phase_plan(cfg.epochs, ("all",)),
             blocks={"all": self.filter_spec if self.filter_spec is not None
-                    else bcd.complete_filter(self.model)},
+                    else bcd.complete_filter(probe)},
             optimizers=lambda updates: {"all": _optimizer(
                 cfg, self.optimizer, updates["all"],
-                clock or EpochClock(len(sample["x"]), cfg.batch_size))},
+                clock or EpochClock(len(sample["x"]), cfg.batch_size), bool(cfg.sweep))},
             metric_fn=metric, outputs=("pred",))
         try:
             engine = build(task, mesh=mesh, batch_size=batch_size, seed=cfg.seed,
                            key=jax.random.key(cfg.seed), shuffle=cfg.shuffle,
                            options=StepOptions(compute_dtype=self._compute_dtype()),
-                           with_data=not stream, eval_batch_size=max(cfg.batch_size, 256))
+                           with_data=not stream, eval_batch_size=max(cfg.batch_size, 256),
+                           device_data=cfg.device_data,
+                           ensemble=self.members)
         except ValueError as e:
             raise ValueError(f"TrainingConfig.batch_size: {e}") from None
         self._clock = clock or engine.clock
@@ -349,6 +360,7 @@ class Trainer:
         for k in ("loss", "rmse", "mae", "mape", "r2"):
             h[f"val_{k}"] = hist.get(f"val_{k}", [])
         h["val_per_output_rmse"], h["val_epoch"] = self._per_output, self._best.val_epochs
+        h.update({k: v for k, v in hist.items() if "_member" in k})  # ensembles, per member
         best = self._best
         h.best_epoch = best.best_epoch if best.best_epoch >= 0 else None
         h.best_val_loss = float(best.best) if best.monitor == "val_loss" and h.best_epoch \
@@ -361,10 +373,14 @@ class Trainer:
 
     def predict(self, x, model=None) -> np.ndarray:
         """Predictions of ``model`` (default: the trained one) for the inputs ``x``, in
-        inference mode (dropout off)."""
+        inference mode (dropout off); of an ensemble: the mean over its members."""
         model = eqx.nn.inference_mode(self.model if model is None else model)
         x = np.asarray(x, np.float32)
-        return np.asarray(eqx.filter_jit(_Predictor(model, x))(model, jnp.asarray(x)))
+        if self.members is None:
+            return np.asarray(eqx.filter_jit(_Predictor(model, x))(model, jnp.asarray(x)))
+        one = _Predictor(ens.single(self._factory, 0), x)
+        fn = eqx.filter_vmap(one, in_axes=(eqx.if_array(0), None))
+        return np.asarray(eqx.filter_jit(fn)(model, jnp.asarray(x))).mean(0)
 
     @property
     def training_state(self) -> Any:

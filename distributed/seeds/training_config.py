@@ -41,6 +41,12 @@ class TrainingConfig:
     ``max_retries`` times (both off by default; non-finite updates are always skipped).
     ``save_best`` writes ``save_dir/run_name/best.eqx`` (``save_dir`` default
     ``~/.cache/distributed/saved_models``); ``run_name`` must stay inside ``save_dir``.
+    Ensembles: ``ensemble=K`` trains K members at once (member ``i`` initialised from
+    ``seed + i``; the model given as ``key -> model``), all on the same batches; ``sweep``
+    (``{"learning_rate" | "weight_decay": K values}``) gives member ``i`` its own values (then
+    every member starts from ``seed``, and K is the number of values).
+    Input: ``device_data`` ("auto", "on", "off") keeps the training arrays on the devices and
+    runs many steps per dispatch (the same batches and results; auto: when they fit).
     """
 
     epochs: int = 100
@@ -73,7 +79,10 @@ class TrainingConfig:
     lr_reduction: float = 0.5
     seed: int = 0
     shuffle: bool = True
+    device_data: str = "auto"
     output_names: Sequence[str] | None = None
+    ensemble: int = 1
+    sweep: Mapping[str, Sequence[float]] | None = None
 
     # seed 004's names for the same settings
     num_epochs = property(lambda self: self.epochs)
@@ -86,6 +95,8 @@ class TrainingConfig:
             object.__setattr__(self, "scheduler", "cosine_warm_restarts" if self.scheduler_T0
                                else "constant")
         object.__setattr__(self, "loss_params", dict(self.loss_params))
+        if self.sweep is not None:
+            object.__setattr__(self, "sweep", {k: tuple(v) for k, v in dict(self.sweep).items()})
         if self.output_names is not None:
             object.__setattr__(self, "output_names", tuple(str(n) for n in self.output_names))
         _validate(self)
@@ -142,12 +153,33 @@ def _num(cfg, name, low, strict=False, allow_none=False):
                          f"{'>' if strict else '>='} {low}{' (or None)' if allow_none else ''}.")
 
 
+def _check_sweep(cfg: TrainingConfig) -> None:
+    for name, values in (cfg.sweep or {}).items():
+        if name not in ("learning_rate", "weight_decay"):
+            raise ValueError(f"TrainingConfig.sweep: unknown field {name!r}; sweep "
+                             f"learning_rate or weight_decay.")
+        k = cfg.ensemble if cfg.ensemble > 1 else len(next(iter(cfg.sweep.values())))
+        if len(values) != k or not values:
+            raise ValueError(f"TrainingConfig.sweep[{name!r}] has {len(values)} values for "
+                             f"{k} members (ensemble={cfg.ensemble}); give one per member.")
+        low = 0 if name == "weight_decay" else 1e-300
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= low
+                   for v in values):
+            raise ValueError(f"TrainingConfig.sweep[{name!r}]={values} must be finite numbers "
+                             f"{'>= 0' if name == 'weight_decay' else '> 0'}.")
+
+
 def _validate(cfg: TrainingConfig) -> None:
     _int(cfg, "epochs", 1)
     _int(cfg, "batch_size", 1)
     for name in ("print_every", "warmup_steps", "checkpoint_every", "max_retries", "seed"):
         _int(cfg, name, 0)
     _int(cfg, "validate_every", 1)
+    _int(cfg, "ensemble", 1)
+    _check_sweep(cfg)
+    if cfg.device_data not in ("auto", "on", "off"):
+        raise ValueError(f"TrainingConfig.device_data={cfg.device_data!r} is not valid; choose "
+                         f"one of ('auto', 'on', 'off').")
     _int(cfg, "early_stopping_patience", 0, allow_none=True)
     _int(cfg, "scheduler_T0", 1, allow_none=True)
     _num(cfg, "learning_rate", 0, strict=True)
