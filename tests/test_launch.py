@@ -126,6 +126,32 @@ def run_child(mode: str, tmp_path, *launcher_args):
     return r, time.monotonic() - t0
 
 
+GLOO_SPLIT = textwrap.dedent(
+    """
+    import os, sys
+    for rank in (0, 2):
+        os.write(2, b"[Gloo] Rank %d is connected to 1 peer ranks. " % rank)
+        os.write(1, b"HELLO from the program %d\\n" % rank)  # lands inside gloo's line
+        os.write(2, b"Expected number of connected peer ranks is : 1\\n")
+    """
+)
+
+
+def test_local_gloo_lines_fold_without_eating_the_programs_output():
+    r = subprocess.run(
+        [*LOCAL, "--processes=1", "--", sys.executable, "-c", GLOO_SPLIT],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("[Gloo] connected to its peers") == 1, r.stdout
+    assert "peer ranks" not in r.stdout.replace("[Gloo] connected to its peers", ""), r.stdout
+    for rank in (0, 2):
+        assert re.search(rf"^\[p0\] HELLO from the program {rank}$", r.stdout, flags=re.M), r.stdout
+
+
 def test_local_failure_stops_the_others(tmp_path):
     r, took = run_child("fail", tmp_path)
     assert r.returncode == 3, r.stdout + r.stderr

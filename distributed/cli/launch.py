@@ -40,7 +40,10 @@ import time
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 TIMEOUT_EXIT_CODE = 124
-GLOO_LINE = re.compile(rb"is connected to \d+ peer ranks")
+# gloo's C++ writes its per-connection line in pieces to stderr, so another writer's text can land
+# between them: match the pieces, not the line
+GLOO_HEAD = re.compile(rb"\[Gloo\] Rank \d+ is connected to \d+ peer ranks\. ?")
+GLOO_TAIL = re.compile(rb"Expected number of connected peer ranks is : \d+")
 
 
 def free_port() -> int:
@@ -123,13 +126,17 @@ class Launcher:
         for line in iter(stream.readline, b""):
             if not line.endswith(b"\n"):
                 line += b"\n"
-            if GLOO_LINE.search(line):  # gloo's C++ prints one line per connection: fold them
+            out = []
+            if GLOO_HEAD.search(line):  # gloo prints one line per connection: fold them
                 gloo += 1
-                if gloo > 1:
-                    continue
-                line = b"[Gloo] connected to its peers (further [Gloo] connection lines folded)\n"
+                if gloo == 1:
+                    out.append(b"[Gloo] connected to its peers (further [Gloo] lines folded)\n")
+            rest = GLOO_TAIL.sub(b"", GLOO_HEAD.sub(b"", line))
+            if rest == line or rest.strip():  # keep what another writer put on gloo's line
+                out.append(rest)
             with self.out_lock:
-                sys.stdout.buffer.write(prefix + line)
+                for piece in out:
+                    sys.stdout.buffer.write(prefix + piece)
                 sys.stdout.buffer.flush()
         stream.close()
 
