@@ -124,6 +124,27 @@ def test_round_trip_is_bitwise_and_keeps_shardings(tmp_path, getkey, fsdp):
             assert r.sharding == s.sharding
 
 
+def test_a_bare_orbax_manager_reads_a_checkpoint(tmp_path, getkey):
+    """Plain Orbax, no handlers and no arguments (issue 11.7): the state as a flat dict keyed
+    by key path, the metadata and the data position; the checksums in the step's metadata."""
+    import orbax.checkpoint as ocp
+
+    state = _make_state(getkey(), mesh=_mesh(8, "data"), fsdp=False)
+    it = _iterator()
+    next(it)
+    with CheckpointManager(tmp_path / "ckpt") as ckpt:
+        ckpt.save(5, state, data_iterator=it, metadata={"phase": "complete"})
+    with ocp.CheckpointManager(str(tmp_path / "ckpt")) as plain:
+        got = plain.restore(plain.latest_step())
+        custom = plain.metadata(plain.latest_step()).custom_metadata
+    flat = got["state"]
+    assert set(flat) >= {".model.layers[0].weight", ".step"}
+    np.testing.assert_array_equal(np.asarray(flat[".model.layers[0].weight"]),
+                                  _host(state.model.layers[0].weight))
+    assert got["metadata"] == {"phase": "complete"} and got["data"] == {"next_index": 1}
+    assert custom["checksums"] and custom["format"]  # the step's own metadata
+
+
 @pytest.mark.parametrize("n_devices", [4, 1])
 def test_restore_onto_smaller_mesh_reshards(tmp_path, getkey, n_devices):
     state = _make_state(getkey(), mesh=_mesh(8, "fsdp"), fsdp=True)
