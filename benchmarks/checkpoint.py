@@ -20,7 +20,9 @@
    ``every`` steps (the CLI default, 100; a `Checkpointer` over a `CheckpointManager` made with
    the CLI's settings, saving the data position too) against no checkpoints, runs interleaved,
    each on a fresh engine reusing the first one's compiled step, the final commit wait
-   included, warm-up runs (compiles, first save) excluded. Target: >= 97%.
+   included, warm-up runs (compiles, first save) excluded. Target: >= 97%. A third variant
+   saves the same checkpoints without their per-array checksums (``checksums_ratio``: with /
+   without, the cost of the checksums in training throughput).
 
     python benchmarks/checkpoint.py [--quick] [--devices=8] [--widths=288,912,2040,4080]
 """
@@ -219,6 +221,24 @@ def remedies(cfg: Config, root: Path) -> list[dict]:
     return out
 
 
+@contextlib.contextmanager
+def no_checksums():
+    """Saves without their per-array checksums (for the throughput comparison only): the
+    on-device snapshot still runs, the checksum reductions do not."""
+    import jax
+    import jax.numpy as jnp
+
+    from distributed.checkpoint import deferred
+
+    saved = deferred._checksums, deferred._snapshot
+    deferred._checksums = lambda flat: {}
+    deferred._snapshot = jax.jit(lambda flat: ({k: jnp.copy(v) for k, v in flat.items()}, {}))
+    try:
+        yield
+    finally:
+        deferred._checksums, deferred._snapshot = saved
+
+
 def throughput(cfg: Config, root: Path) -> dict:
     from distributed.checkpoint import CheckpointManager
     from distributed.cli.config import TrainConfig
@@ -231,7 +251,10 @@ def throughput(cfg: Config, root: Path) -> dict:
     engines = common.Engines(tcfg)  # the first run's TrainStep serves every later run
     counter = {"n": 0}
 
-    def train(every: int) -> float:
+    def train(every: int, checksums: bool = True) -> float:
+        if not checksums:
+            with no_checksums():
+                return train(every)
         engine = engines.new()
         ckpt = None
         if every:  # as the CLI makes them (its metadata left out)
@@ -252,7 +275,9 @@ def throughput(cfg: Config, root: Path) -> dict:
 
     train(0)  # compiles every phase's step, outside the timing
     train(cfg.every)  # and the eager ops of the save path (first save of a process)
-    times = common.interleaved({"none": lambda: train(0), "every": lambda: train(cfg.every)},
+    train(cfg.every, checksums=False)
+    times = common.interleaved({"none": lambda: train(0), "every": lambda: train(cfg.every),
+                                "every_no_checksums": lambda: train(cfg.every, False)},
                                cfg.runs)
     sps = {k: [train.steps / t for t in v] for k, v in times.items()}
     s = {k: common.summarize(v, 2) for k, v in sps.items()}
@@ -261,7 +286,10 @@ def throughput(cfg: Config, root: Path) -> dict:
             "steps": train.steps, "every": cfg.every,
             "saves_per_run": train.steps // cfg.every,
             "steps_per_s_none": s["none"], "steps_per_s_every": s["every"],
+            "steps_per_s_every_no_checksums": s["every_no_checksums"],
             "throughput_ratio": round(ratio, 4),
+            "checksums_ratio": round(s["every"]["median"] / s["every_no_checksums"]["median"],
+                                     4),
             "paired_ratio": common.summarize(common.paired_ratios(times["none"],
                                                                   times["every"]), 4),
             "meets_target": bool(ratio >= cfg.throughput_target)}
