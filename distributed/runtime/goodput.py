@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -49,11 +50,15 @@ class Ledger:
         self.resumed_from: int | None = None
         self.previous: dict[str, Any] | None = None
         self._rate_mark: tuple[float, int] | None = None
+        self._thread = threading.get_ident()  # the timed thread: its compiles hold it up
+        self._open: list[float] = []  # per open timer: seconds of timers nested in it
         self._listener = self._on_event
         jax.monitoring.register_event_duration_secs_listener(self._listener)
 
     def _on_event(self, event: str, duration: float, **_: Any) -> None:
-        if event.startswith("/jax/core/compile/"):
+        # a compile on another thread (e.g. a checkpoint worker's) overlaps the timed thread's
+        # time: it is not wall time of its own
+        if event.startswith("/jax/core/compile/") and threading.get_ident() == self._thread:
             self.seconds["compile"] += duration
 
     def close(self) -> None:
@@ -62,15 +67,20 @@ class Ledger:
 
     @contextlib.contextmanager
     def timer(self, category: str):
-        """Time a block into ``category``; compilation inside it counts as ``compile`` only."""
+        """Time a block into ``category``; compilation inside it counts as ``compile`` only, and
+        a timer nested in it (e.g. ``restore`` inside ``setup``) counts in its own category only."""
         compile_before = self.seconds["compile"]
+        self._open.append(0.0)
         t = time.perf_counter()
         try:
             yield
         finally:
             spent = time.perf_counter() - t
             compiled = self.seconds["compile"] - compile_before
-            self.seconds[category] = self.seconds.get(category, 0.0) + max(0.0, spent - compiled)
+            own = max(0.0, spent - compiled - self._open.pop())
+            self.seconds[category] = self.seconds.get(category, 0.0) + own
+            if self._open:  # the enclosing timer excludes all of this block
+                self._open[-1] += max(0.0, spent - compiled)
 
     def step_timer(self, step: int):
         del step
