@@ -131,6 +131,81 @@ def test_chunk_metrics_are_each_steps():
     np.testing.assert_allclose([v for _, v in on], [v for _, v in steps], rtol=1e-5)
 
 
+def test_chunks_stay_within_the_datas_epochs_whatever_the_loops_clock():
+    """A loop whose epochs are not the data's (``num_batches`` longer than the data, or more
+    epochs than the plan) draws the same batches on the devices as from the host pipeline."""
+    for kw in (dict(num_epochs=1, num_batches=50), dict(num_epochs=4)):
+        runs = []
+        for mode in ("on", "off"):
+            e = _engine(mode, epochs=2 if "num_batches" not in kw else 8)
+            if "num_batches" not in kw:
+                kw = dict(kw, clock=e.clock)
+            state, r = dx.run_loop(e.state, e.step_fn, data_iterator=e.data, show_progress=False,
+                                   log_every=1000, **kw)
+            runs.append((state, r))
+        (a, ra), (b, rb) = runs
+        assert ra.final_step == rb.final_step and ra.final_step > 13
+        np.testing.assert_allclose(ra.history["train_loss"], rb.history["train_loss"], rtol=1e-5)
+        assert_trees_allclose(a.model, b.model, rtol=1e-5, atol=1e-7)
+
+
+def test_chunks_only_from_the_step_functions_own_device_data():
+    e, other = _engine("on", epochs=2), _engine("on", epochs=2)
+    calls = []
+    run_many = e.step_fn.run_many
+    e.step_fn.run_many = lambda state, step, n: calls.append(n) or run_many(state, step, n)
+    _, r = dx.run_loop(e.state, e.step_fn, data_iterator=other.data, clock=e.clock,
+                       num_epochs=2, show_progress=False)
+    assert calls == [] and r.final_step == e.total_steps  # step by step from `other`
+
+
+def test_callbacks_without_the_base_class_and_early_stopping_subclasses_see_every_step():
+    class Duck:  # every hook the loop calls, no `Callback` base class
+        def __init__(self):
+            self.steps = []
+
+        def on_train_begin(self, state, info):
+            pass
+
+        def on_step_end(self, step, info):
+            self.steps.append(step)
+
+        def on_epoch_end(self, epoch, metrics):
+            return None
+
+        def on_train_end(self, state, history):
+            pass
+
+        def final_state(self, state):
+            return state
+
+    class Patient(dx.EarlyStopping):
+        def __init__(self):
+            super().__init__(monitor="train_loss", patience=100)
+            self.steps = []
+
+        def on_step_end(self, step, info):
+            super().on_step_end(step, info)
+            self.steps.append(step)
+
+    duck, patient = Duck(), Patient()
+    _, r = _train(_engine("on", epochs=2), log_every=5, callbacks=[duck, patient])
+    assert duck.steps == patient.steps == list(range(1, r.final_step + 1))
+
+
+def test_device_data_refuses_arrays_of_different_lengths_and_counts_its_orders():
+    from distributed.data.resident import fits
+
+    mesh = dx.make_mesh("data:8")
+    with pytest.raises(ValueError, match=r"different numbers of examples.*'y': 190"):
+        DeviceData({"x": np.zeros((200, 2)), "y": np.zeros((190,))}, mesh,
+                   global_batch_size=32, seed=0)
+    assert fits({"x": np.zeros((1000, 6), np.float32)}, mesh)[0]
+    # 64 MiB of bytes, but two epochs' int32 orders on each of the 8 devices: 4 GiB and more
+    ok, why = fits({"x": np.zeros((1 << 26,), np.uint8)}, mesh)
+    assert not ok and "MiB per process" in why
+
+
 CLI = ["--model=psf", "--n_train=96", "--n_val=32", "--n_test=32", "--batch_size=16",
        "--epochs_param=2", "--epochs_nonparam=2", "--epochs_complete=1", "--l1_rate=1e-6",
        "--log_every=4", "--checkpoint_every=5", "--progress=log", "--host_devices=8"]

@@ -184,6 +184,33 @@ def test_a_member_with_a_non_finite_update_is_skipped_alone():
     assert np.isfinite(float(metrics["loss"])) and not np.isfinite(float(metrics["loss_member1"]))
 
 
+def test_a_members_epoch_losses_leave_out_the_steps_it_alone_skipped():
+    """Member i's ``train_loss_member<i>`` is the mean over the steps member i updated, as its
+    single run's ``train_loss`` is over its own (the members skip different steps here)."""
+
+    def loss(m, b):  # NaN when the sign of sum(w) * sum(x0) is negative: member and batch
+        w = jax.tree.leaves(m)[0]
+        nan_if_negative = jnp.sqrt(jnp.sum(w) * jnp.sum(b["x"][:, 0]))
+        return jnp.mean((m(b["x"]) - b["y"]) ** 2) + 0.0 * nan_if_negative
+
+    def task(model):
+        return Task(model=model, loss_fn=loss, train=regression_data(128, seed=0),
+                    plan=bcd.single_phase_plan(3),
+                    optimizers={"all": make_optimizer(OptimizerConfig())})
+
+    engine = build(task(_tiny), mesh=make_mesh("ensemble:2,data:4"), batch_size=16, seed=0,
+                   key=jax.random.key(0), ensemble=Ensemble((0, 1)))
+    _, history = _train(engine)
+    skipped = []
+    for i in (0, 1):
+        single = build(task(lambda i=i: _tiny(jax.random.key(i))), mesh=make_mesh("data:8"),
+                       batch_size=16, seed=0, key=jax.random.key(i))
+        state, h = _train(single)
+        skipped.append(int(state.nonfinite_count))
+        np.testing.assert_allclose(history[f"train_loss_member{i}"], h["train_loss"], rtol=REL)
+    assert all(0 < k < engine.total_steps for k in skipped), skipped
+
+
 @pytest.mark.parametrize("mesh,devices", [("ensemble:2,data:2", 4), ("data:1", 1)])
 def test_an_ensemble_checkpoint_restores_on_another_mesh_and_continues(tmp_path, mesh, devices):
     ens = Ensemble((0, 1, 2, 3))

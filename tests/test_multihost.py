@@ -185,7 +185,8 @@ def test_checkpoint_of_two_processes_continues_in_one(base, two_full, two_part):
 def test_checkpoint_of_one_process_continues_in_two(base, one_full, one_part):
     (full, _), (_, ckpts) = one_full, one_part
     wd = branch(ckpts, base / "one_to_two")
-    two(wd)
+    p = two(wd, "--device_data=off")  # (also the Grain host pipeline over two processes)
+    assert "input: the Grain host pipeline" in p.stdout
     s = summary(wd)
     assert (s["resumed_from_step"], s["final_step"]) == (K, STEPS)
     assert (s["process_count"], s["device_count"]) == (2, 8)

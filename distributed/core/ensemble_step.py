@@ -25,7 +25,9 @@ class EnsembleStep(TrainStep):
     - ``finite``: 1 when at least one member's update was finite;
     - ``nonfinite_count``: steps so far on which no member's update was finite (the shared
       ``state.nonfinite_count``);
-    - ``loss_member<i>``: member ``i``'s loss (NaN or inf when its update was skipped).
+    - ``loss_member<i>``: member ``i``'s loss (NaN or inf when its update was skipped);
+    - ``finite_member<i>``: 1 when member ``i``'s update was finite (epoch means of member
+      ``i``'s metrics leave out the steps it skipped).
     """
 
     def _step(self, arrays, static, batch, active):
@@ -46,5 +48,7 @@ class EnsembleStep(TrainStep):
                 metrics[k] = count
             else:
                 metrics[k] = jnp.sum(jnp.where(finite, v, 0.0)) / n_ok
-        metrics.update({member_key("loss", i): per["loss"][i] for i in range(finite.shape[0])})
+        for i in range(finite.shape[0]):
+            metrics[member_key("loss", i)] = per["loss"][i]
+            metrics[member_key("finite", i)] = per["finite"][i]
         return new, metrics

@@ -55,12 +55,14 @@ def _shards(mesh: Mesh) -> int:
 def fits(arrays: Mapping[str, np.ndarray], mesh: Mesh) -> tuple[bool, str]:
     """Whether ``arrays`` fit on ``mesh``'s devices for `DeviceData`, and why (a phrase).
 
-    Sharded over the batch shards, each device holds ``bytes / shards``; that must stay under
-    `DEVICE_FRACTION` of a device's free memory (where the device reports it), or, on CPU, the
-    whole process's share under `CPU_BYTES`.
+    Sharded over the batch shards, each device holds ``bytes / shards`` of the arrays, plus the
+    replicated orders of two epochs (``2N`` int32) and the permutation's sort buffers (taken as
+    another ``4N`` bytes); that must stay under `DEVICE_FRACTION` of a device's free memory
+    (where the device reports it), or, on CPU, the whole process's share under `CPU_BYTES`.
     """
     total = sum(np.asarray(a).nbytes for a in arrays.values())
-    per_device = total / _shards(mesh)
+    n = len(next(iter(arrays.values()))) if arrays else 0
+    per_device = total / _shards(mesh) + 3 * 4 * n
     local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     try:
         stats = local[0].memory_stats()
@@ -152,7 +154,11 @@ class DeviceData:
 
     def __init__(self, arrays: Mapping[str, np.ndarray], mesh: Mesh, *, global_batch_size: int,
                  seed: int, shuffle: bool = True):
-        n = len(next(iter(arrays.values())))
+        lengths = {k: len(v) for k, v in arrays.items()}
+        n = next(iter(lengths.values()))
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"DeviceData: arrays with different numbers of examples "
+                             f"{lengths}; every array needs the same leading axis length.")
         check_batch_size(global_batch_size, mesh, jax.process_count(), num_examples=n)
         self.mesh, self.seed, self.shuffle = mesh, int(seed), bool(shuffle)
         self.clock = EpochClock(n, global_batch_size)

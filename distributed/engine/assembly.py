@@ -13,7 +13,9 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from ..core import bcd
@@ -200,12 +202,15 @@ def _use_device_data(mode: str, arrays: Mapping[str, Any], mesh: Mesh, step: Any
     if mode not in DEVICE_DATA:
         raise ValueError(f"device_data={mode!r} is not valid; choose one of {DEVICE_DATA}.")
     if mode == "off":
+        log.info("input: the Grain host pipeline (device_data='off')")
         return False
     if not isinstance(step, TrainStep):  # (a step that MultiStep cannot loop over)
         if mode == "on":
             raise ValueError(f"device_data='on' needs a TrainStep, not {type(step).__name__}.")
         return False
     ok, size = fits(arrays, mesh)
+    if mode == "auto" and jax.process_count() > 1:  # every process must take the same path
+        ok = bool(np.all(multihost_utils.process_allgather(np.array([ok]))))
     if mode == "auto" and not ok:
         log.info("input: the Grain host pipeline (the data would take %s)", size)
         return False

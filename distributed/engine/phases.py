@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -91,12 +92,15 @@ class PhaseStep:
             self.phase, self._next = (int(x) for x in jax.device_get((state.phase, state.step)))
 
     def next_boundary(self, step: int) -> int:
-        """The first phase start (or, with per-epoch extras, epoch end) after batch ``step``:
-        a `run_many` chunk may not cross it."""
+        """The first phase start (or, with per-epoch extras or device data, epoch end) after
+        batch ``step``: a `run_many` chunk may not cross it."""
         later = [b for b in self.bounds if b > step]
-        nxt = later[0] if later else self.bounds[-1]
+        nxt = later[0] if later else sys.maxsize
         if self.extras is not None:
             nxt = min(nxt, self.clock.steps(self.clock.epoch_of(step) + 1))
+        if self.device_data is not None:  # a chunk draws from one data epoch's order (and the
+            data = self.device_data.clock  # next's, for a batch that straddles them)
+            nxt = min(nxt, data.steps(data.epoch_of(step) + 1))
         return nxt
 
     def run_many(self, state: TrainState, step: int, n: int):

@@ -63,6 +63,13 @@ class Callback:
         return state
 
 
+def _boundary(callback: Any, step: int) -> int | None:
+    """`Callback.next_step_boundary` of any object with the hooks (not only subclasses): one
+    without the method sees every step."""
+    fn = getattr(callback, "next_step_boundary", None)
+    return step + 1 if fn is None else fn(step)
+
+
 class CallbackList:
     def __init__(self, callbacks: Sequence[Callback]):
         self.callbacks = list(callbacks)
@@ -76,7 +83,7 @@ class CallbackList:
             c.on_step_end(step, info)
 
     def next_step_boundary(self, step) -> int | None:
-        ends = [b for c in self.callbacks if (b := c.next_step_boundary(step)) is not None]
+        ends = [b for c in self.callbacks if (b := _boundary(c, step)) is not None]
         return min(ends) if ends else None
 
     def on_epoch_end(self, epoch, metrics) -> bool:
@@ -121,6 +128,8 @@ class EarlyStopping(Callback):
         self._state = info.state
 
     def next_step_boundary(self, step):
+        if type(self).on_step_end is not EarlyStopping.on_step_end:
+            return step + 1  # (a subclass that does more per step)
         return None  # it keeps the latest state, read at epoch ends (where chunks end)
 
     def _improved(self, value: float) -> bool:

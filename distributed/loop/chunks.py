@@ -54,13 +54,14 @@ def per_step(items: Iterable[Any]) -> list[Any]:
 def steps_per_call(fn: Any, data: Any, *, recovery: bool) -> int:
     """The most steps the loop may hand ``fn`` in one call (1: step by step).
 
-    More than one needs a step function with ``run_many`` and input drawn on the device (an
-    iterator with ``advance``). Loss-explosion recovery checks each step's loss on the host
-    before it lets training go on, so it runs step by step.
+    More than one needs a step function with ``run_many`` whose input is drawn on the device
+    from its ``device_data``, and ``data`` must be that iterator. Loss-explosion recovery
+    checks each step's loss on the host before it lets training go on, so it runs step by
+    step.
     """
     k = int(getattr(fn, "max_steps_per_call", 0) or 0)
-    if k <= 1 or not hasattr(data, "advance"):
-        return 1
+    if k <= 1 or data is None or getattr(fn, "device_data", None) is not data:
+        return 1  # (run_many draws from fn's own device data: the loop's must be that one)
     if recovery:
         log.info("loss-explosion recovery reads every step's loss: one step per dispatch")
         return 1

@@ -13,6 +13,7 @@ import collections
 import dataclasses
 import itertools
 import logging
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ import jax
 import numpy as np
 
 from ..core.clock import EpochClock
+from ..core.ensemble import MEMBER_SUFFIX, member_key
 from ..core.losses import takes_argument
 from ..runtime.goodput import Ledger
 from ..runtime.signals import StopRequest
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 History = dict[str, list[float]]
 _END = object()
+_MEMBER = re.compile(rf"^(.*){MEMBER_SUFFIX}(\d+)$")
 
 
 @dataclasses.dataclass
@@ -50,15 +53,21 @@ class LoopResult:
 
 def mean_metrics(items: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Per-key means of a list of step metrics, in one transfer. Steps whose update was skipped
-    (``finite == 0``) are left out of every mean but ``finite``'s own (the fraction finite)."""
+    (``finite == 0``) are left out of every mean but ``finite``'s own (the fraction finite); an
+    ensemble member's metric ``m_member<i>`` leaves out the steps member ``i`` skipped
+    (``finite_member<i> == 0``)."""
     if not items:
         return {}
     host = jax.device_get(per_step(items))
-    keep = [m for m in host if float(np.asarray(m.get("finite", 1))) > 0]
     out = {}
     for k in dict.fromkeys(k for m in host for k in m):
-        rows = host if k in ("finite", "nonfinite_count") else keep
-        vals = [float(np.asarray(m[k])) for m in rows if k in m]
+        member = _MEMBER.match(k)
+        if k in ("finite", "nonfinite_count") or (member and member[1] == "finite"):
+            guard = None
+        else:
+            guard = member_key("finite", int(member[2])) if member else "finite"
+        vals = [float(np.asarray(m[k])) for m in host
+                if k in m and (guard is None or float(np.asarray(m.get(guard, 1))) > 0)]
         out[k] = float(np.mean(vals)) if vals else float("nan")
     return out
 

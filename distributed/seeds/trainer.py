@@ -318,7 +318,8 @@ class Trainer:
                            device_data=cfg.device_data,
                            ensemble=self.members)
         except ValueError as e:
-            raise ValueError(f"TrainingConfig.batch_size: {e}") from None
+            field = "TrainingConfig.batch_size" if "batch" in str(e) else "Trainer"
+            raise ValueError(f"{field}: {e}") from None
         self._clock = clock or engine.clock
         source: dict[str, Any] = {"data_iterator": engine.data}
         if stream:
