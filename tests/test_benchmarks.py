@@ -24,6 +24,7 @@ EXPECTED = {
     "transformer": {"tokens_per_s", "achieved_tflops", "mfu", "step_s", "params"},
     "vs_peers": {"peers", "measured", "meets_target"},
     "ensemble": {"members", "samples_per_s", "ratio", "target", "meets_target"},
+    "dispatch": {"cases", "flops_per_example", "same_parameters"},
 }
 SUITE = ["transformer", "step_overhead", "vs_seed_loop", "checkpoint", "vs_peers", "data"]
 
