@@ -75,6 +75,13 @@ def test_a_runs_config_json_reproduces_it(tmp_path):
     bad.write_text('{"learning_rte": 0.1}')
     assert_one_line_error(run_cli(f"--config={bad}", f"--workdir={tmp_path / 'e'}"),
                           "learning_rte")
+    # values of the wrong type: one line naming the field, never converted ("no" is not False)
+    for text, needle in (('{"epochs": "two"}', "epochs='two' must be an int"),
+                         ('{"mesh": 5}', "mesh=5 must be a str"),
+                         ('{"tensorboard": "no"}', "tensorboard='no' must be a bool")):
+        bad.write_text(text)
+        assert_one_line_error(run_cli(f"--config={bad}", f"--workdir={tmp_path / 'f'}"), needle)
+        assert not (tmp_path / "f").exists()
 
 
 def test_own_validation_and_test_files(tmp_path):
@@ -155,6 +162,16 @@ def test_a_missing_extra_is_one_line_and_leaves_nothing(tmp_path, flag, module):
     p = run_cli(f"--workdir={wd}", *FAST, flag, env=_hide(tmp_path, module))
     assert_one_line_error(p, module, "pip install")
     assert not wd.exists()
+
+
+@pytest.mark.parametrize("uri", ["bogus://x", "http://127.0.0.1:9", "FOLDER"])
+def test_an_unusable_mlflow_store_is_one_line_and_leaves_nothing(tmp_path, uri):
+    pytest.importorskip("mlflow")  # the test extra installs it
+    uri = str(tmp_path / "mlruns") if uri == "FOLDER" else uri  # MLflow's retired file store
+    wd = tmp_path / "run"
+    p = run_cli(f"--workdir={wd}", *FAST, f"--mlflow_uri={uri}")
+    assert_one_line_error(p, f"--mlflow_uri={uri}", "sqlite:///")
+    assert sorted(os.listdir(tmp_path)) == []  # no workdir, and no store folder either
 
 
 # ------------------------------------------------------------------------ terminal (3)

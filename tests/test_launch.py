@@ -247,6 +247,10 @@ def test_local_peer_killed_while_other_hangs():
 def test_local_usage_errors():
     r = subprocess.run([*LOCAL, "--processes=2"], capture_output=True, text=True)
     assert r.returncode == 2 and "missing the command" in r.stderr
+    r = subprocess.run([*LOCAL, "--processes=2", "--", "no-such-command-here"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "'no-such-command-here' was not found" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 # --------------------------------------------------------------------------- launch/tpu_pod.sh

@@ -108,7 +108,16 @@ def test_rerunning_a_finished_run_says_so_and_touches_nothing(done, tmp_path):
     p = run_cli(f"--workdir={wd}", *MLP)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "is complete (step 24); nothing to do" in p.stderr
+    assert "trained all its epochs" in p.stderr and "--allow_changed_inputs" in p.stderr
     assert snapshot(wd) == before
+    # the way to train on that the line gives: more epochs; --force alone is not enough
+    longer = [a for a in MLP if not a.startswith("--epochs=")] + ["--epochs=4"]
+    p = run_cli(f"--workdir={wd}", *longer, "--force")
+    assert_one_line_error(p, "--epochs was 3, now 4", "--allow_changed_inputs")
+    assert snapshot(wd) == before
+    p = run_cli(f"--workdir={wd}", *longer, "--force", "--allow_changed_inputs")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (summary(wd)["resumed_from_step"], summary(wd)["final_step"]) == (24, 32)
 
 
 def test_a_kill_between_the_last_commit_and_the_summary_trains_no_extra_step(done, tmp_path):
@@ -278,6 +287,11 @@ def test_broken_workdirs_and_data_give_one_line(done, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]  # a real file name with glob characters
     assert_one_line_error(run_cli(f"--workdir={tmp_path / 'r2'}", *MLP, f"--data={tmp_path}"),
                           "is a directory")
+    text = tmp_path / "notes.npz"
+    text.write_text("x,y\n1,2\n")
+    p = run_cli(f"--workdir={tmp_path / 'r3'}", *MLP, f"--data={text}")
+    assert "pickle" not in assert_one_line_error(p, "is not an .npz file", "np.savez")
+    assert not (tmp_path / "r3").exists()
 
 
 @pytest.fixture

@@ -348,7 +348,25 @@ def from_dict(values: dict[str, Any]) -> TrainConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown config field(s) {unknown}; valid fields: {sorted(known)}.")
-    return TrainConfig(**values)
+    types = {f.name: f.type if isinstance(f.type, str) else f.type.__name__
+             for f in config_fields()}
+    return TrainConfig(**{k: _typed(k, v, types[k]) for k, v in values.items()})
+
+
+def _typed(name: str, value: Any, kind: str) -> Any:
+    """``value`` as field ``name``'s type (``"int"``, ``"float"``, ``"bool"`` or ``"str"``):
+    an int is a valid float; nothing else is converted (``"no"`` is not a bool)."""
+    ok = {"bool": isinstance(value, bool),
+          "int": isinstance(value, int) and not isinstance(value, bool),
+          "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "str": isinstance(value, str)}.get(kind, True)
+    if not ok:
+        example = {"bool": "true or false", "int": "e.g. 12", "float": "e.g. 0.001",
+                   "str": 'e.g. "text"'}[kind]
+        article = "an" if kind == "int" else "a"
+        raise ValueError(f"config field {name}={value!r} must be {article} {kind} ({example}), not "
+                         f"{type(value).__name__}.")
+    return float(value) if kind == "float" else value
 
 
 def result_fields(cfg: TrainConfig) -> dict[str, Any]:

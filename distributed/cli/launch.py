@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -259,6 +260,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         p.error("missing the command to run after '--'")
     if args.processes < 1 or args.devices_per_process < 1:
         p.error("--processes and --devices_per_process must be >= 1")
+    if shutil.which(command[0]) is None:
+        p.error(f"the command {command[0]!r} was not found (not an executable file, nor on "
+                f"PATH); give it after '--', e.g. -- {sys.executable} -m distributed.train")
     return args, command
 
 

@@ -4,6 +4,8 @@ MLflow), ``summary.json`` and the exported ``model.eqx``."""
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,39 @@ def require_extras(cfg: TrainConfig) -> str | None:
             except ImportError:
                 return (f"--{flag} needs the {module} package, which is not installed; install "
                         f"it with pip install 'jax-bcd-distributed[{extra}]' (or drop --{flag}).")
+    return None
+
+
+# MLflow's own settings for a quick reachability check (retries and timeout of HTTP stores)
+_MLFLOW_CHECK_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def check_mlflow(uri: str) -> str | None:
+    """One line when the MLflow tracking store at ``uri`` cannot be used (checked before the
+    run writes anything), else None."""
+    from mlflow import MlflowClient
+
+    saved = {k: os.environ.get(k) for k in _MLFLOW_CHECK_ENV}
+    os.environ.update(_MLFLOW_CHECK_ENV)
+    local = Path(uri.removeprefix("file://")) if "://" not in uri or uri.startswith("file://") \
+        else None  # a file store: the folder MLflow would create
+    existed = local is None or local.exists()
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 - any failure of the store: one line
+        if not existed and local.is_dir() and not local.is_symlink():
+            shutil.rmtree(local, ignore_errors=True)  # a refused attempt leaves nothing
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()),
+                     type(e).__name__)
+        return (f"--mlflow_uri={uri}: the MLflow tracking store is not usable ({first[:300]}); "
+                f"give a working tracking URI, e.g. sqlite:///runs/mlflow.db or "
+                f"http://<host>:5000.")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return None
 
 

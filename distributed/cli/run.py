@@ -129,6 +129,8 @@ class _Run:
     def _check_task(self) -> SetupError | None:
         cfg = self.cfg
         missing = outputs.require_extras(cfg)
+        if missing is None and cfg.mlflow_uri and self.is_main:
+            missing = outputs.check_mlflow(cfg.mlflow_uri)
         if missing is not None:
             return SetupError(missing)
         try:
@@ -161,8 +163,13 @@ class _Run:
             return False
         if done != self.target_step():
             return False
-        log.info("the run in %s is complete (step %d); nothing to do. Use a larger --max_steps "
-                 "to train on, or a new --workdir.", self.wd.path, done)
+        if self.cfg.max_steps and self.cfg.max_steps == done:
+            more = "Use a larger --max_steps to train on"
+        else:  # it ran out of epochs: more epochs change the run's settings
+            more = ("It trained all its epochs: to train on, give more epochs with --force "
+                    "--allow_changed_inputs (it continues from its last checkpoint)")
+        log.info("the run in %s is complete (step %d); nothing to do. %s, or use a new "
+                 "--workdir.", self.wd.path, done, more)
         return True
 
     # -- build, restore, commit ---------------------------------------------------------------
@@ -254,7 +261,8 @@ class _Run:
         if saved.get("config"):
             check_same_run(from_dict({**self.cfg.to_dict(), **saved["config"]}), self.cfg,
                            f"the checkpoints in {self.wd.checkpoints} were trained with other "
-                           f"settings")
+                           f"settings", fix="--allow_changed_inputs to resume them anyway, or "
+                           "--restart_from_scratch to discard them")
 
     # -- train and report ---------------------------------------------------------------------
     def metadata(self, state, step: int, last: dict) -> dict:

@@ -4,6 +4,7 @@ loss, data, metrics) plus the held-out report. Plain data; nothing here runs tra
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +26,10 @@ from ..data import DataError, load_arrays, split_arrays, validate_arrays
 from ..engine import Task
 from .config import MODELS, TrainConfig, init_seed, is_ensemble
 
+log = logging.getLogger(__name__)
+
 PSF_KEYS = ("positions", "seds", "targets", "masks")
+FIELD = (0.0, 1000.0)  # the psf model's field extent in x and y (`PSFFieldModel` x_lims/y_lims)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +70,11 @@ def _psf_file(path: str) -> dict[str, np.ndarray]:
             f"missing {missing}. Save them with np.savez(path, positions=..., seds=..., "
             f"targets=..., masks=...).")
     arrays.setdefault("weights", np.ones(len(arrays["positions"]), np.float32))
+    pos = np.asarray(arrays["positions"])
+    if pos.size and (pos.min() < FIELD[0] or pos.max() > FIELD[1]):
+        log.warning("%s: positions span [%.4g, %.4g], outside the psf model's field [%g, %g] "
+                    "in x and y: the model extrapolates there; rescale the positions into the "
+                    "field", path, pos.min(), pos.max(), *FIELD)
     return {k: arrays[k] for k in (*PSF_KEYS, "weights")}
 
 

@@ -34,7 +34,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         return FLAGS(argv)
     except flags.Error as e:
-        _fail(f"{e}. Run with --help to list the flags.")
+        _fail(f"{str(e).rstrip(' ?.')}. Run with --help to list the flags.")
     return []
 
 

@@ -241,15 +241,17 @@ def disk_full(e: BaseException, workdir: Path) -> str | None:
     return None
 
 
-def check_same_run(old: TrainConfig, new: TrainConfig, what: str) -> None:
-    """Raise `SetupError` if ``old`` and ``new`` differ in a field that changes the result."""
+def check_same_run(old: TrainConfig, new: TrainConfig, what: str,
+                   fix: str = "--force to reuse it") -> None:
+    """Raise `SetupError` if ``old`` and ``new`` differ in a field that changes the result
+    (``fix``: what to pass instead of a new workdir)."""
     a, b = result_fields(old), result_fields(new)
     diff = {k: (v, b.get(k)) for k, v in a.items() if b.get(k) != v}
     if diff:
         k, (was, now) = next(iter(diff.items()))
         raise SetupError(f"{what} (--{k} was {was!r}, now {now!r}"
                          f"{' and more' if len(diff) > 1 else ''}); use a new --workdir, or "
-                         f"--force to reuse it.")
+                         f"{fix}.")
 
 
 def _read_lock(path: Path) -> dict | None:

@@ -74,7 +74,7 @@ def fits(arrays: Mapping[str, np.ndarray], mesh: Mesh) -> tuple[bool, str]:
         what = f"{per_device / 2**20:.1f} MiB per device of {free / 2**20:.0f} MiB free"
     else:
         per_device, budget = per_device * len(local), CPU_BYTES
-        what = f"{per_device / 2**20:.1f} MiB per process (host memory)"
+        what = f"{per_device / 2**20:.1f} MiB per process, in host memory"
     return per_device <= budget, what
 
 

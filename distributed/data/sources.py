@@ -231,6 +231,13 @@ def _is_zip(path: str) -> bool:
 
 def _load_npz(path: str, **validate_kwargs: Any) -> InMemorySource:
     try:
+        is_zip = _is_zip(path)
+    except OSError as e:
+        raise DataError(f"{path!r} cannot be read ({e.strerror}); check the path.") from None
+    if not is_zip:  # (np.load would try it as a pickle and say so)
+        raise DataError(f"{path!r} is not an .npz file (an .npz is a zip archive of arrays); "
+                        f"save the arrays with np.savez(path, x=..., y=...).")
+    try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
