@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
+from ..core.ensemble import MEMBER_SUFFIX, member_key
+
 log = logging.getLogger(__name__)
+_MEMBER = re.compile(rf"^(.*){MEMBER_SUFFIX}(\d+)$")
 
 
 @dataclasses.dataclass
@@ -81,3 +85,24 @@ def chunk_end(step: int, limit: int, *, periods: Sequence[int], boundaries: Sequ
         if b is not None and b > step:
             end = min(end, b)
     return max(end, step + 1)
+
+
+def mean_metrics(items: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Per-key means of a list of step metrics, in one transfer. Steps whose update was skipped
+    (``finite == 0``) are left out of every mean but ``finite``'s own (the fraction finite); an
+    ensemble member's metric ``m_member<i>`` leaves out the steps member ``i`` skipped
+    (``finite_member<i> == 0``)."""
+    if not items:
+        return {}
+    host = jax.device_get(per_step(items))
+    out = {}
+    for k in dict.fromkeys(k for m in host for k in m):
+        member = _MEMBER.match(k)
+        if k in ("finite", "nonfinite_count") or (member and member[1] == "finite"):
+            guard = None
+        else:
+            guard = member_key("finite", int(member[2])) if member else "finite"
+        vals = [float(np.asarray(m[k])) for m in host
+                if k in m and (guard is None or float(np.asarray(m.get(guard, 1))) > 0)]
+        out[k] = float(np.mean(vals)) if vals else float("nan")
+    return out

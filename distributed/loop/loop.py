@@ -13,7 +13,6 @@ import collections
 import dataclasses
 import itertools
 import logging
-import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -21,13 +20,12 @@ import jax
 import numpy as np
 
 from ..core.clock import EpochClock
-from ..core.ensemble import MEMBER_SUFFIX, member_key
 from ..core.losses import takes_argument
 from ..runtime.goodput import Ledger
 from ..runtime.signals import StopRequest
 from .callbacks import Callback, CallbackList, Hook, StepInfo
 from .checkpointing import Checkpointer
-from .chunks import Chunk, chunk_end, per_step, steps_per_call
+from .chunks import Chunk, chunk_end, mean_metrics, per_step, steps_per_call
 from .periodic import itstime
 from .progress import Progress
 from .recovery import FiniteWatch, Guard, RecoveryPolicy, TrainingDiverged
@@ -36,7 +34,6 @@ log = logging.getLogger(__name__)
 
 History = dict[str, list[float]]
 _END = object()
-_MEMBER = re.compile(rf"^(.*){MEMBER_SUFFIX}(\d+)$")
 
 
 @dataclasses.dataclass
@@ -49,27 +46,6 @@ class LoopResult:
     stopped_by: str | None  # None (finished), "max_steps", "callback", "preempted"
     last_metrics: dict[str, float]
     ledger: Ledger
-
-
-def mean_metrics(items: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Per-key means of a list of step metrics, in one transfer. Steps whose update was skipped
-    (``finite == 0``) are left out of every mean but ``finite``'s own (the fraction finite); an
-    ensemble member's metric ``m_member<i>`` leaves out the steps member ``i`` skipped
-    (``finite_member<i> == 0``)."""
-    if not items:
-        return {}
-    host = jax.device_get(per_step(items))
-    out = {}
-    for k in dict.fromkeys(k for m in host for k in m):
-        member = _MEMBER.match(k)
-        if k in ("finite", "nonfinite_count") or (member and member[1] == "finite"):
-            guard = None
-        else:
-            guard = member_key("finite", int(member[2])) if member else "finite"
-        vals = [float(np.asarray(m[k])) for m in host
-                if k in m and (guard is None or float(np.asarray(m.get(guard, 1))) > 0)]
-        out[k] = float(np.mean(vals)) if vals else float("nan")
-    return out
 
 
 def _state_counts(state: Any) -> tuple[int, int]:

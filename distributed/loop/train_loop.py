@@ -11,7 +11,8 @@ import jax
 
 from ..core.clock import EpochClock
 from .checkpointing import Checkpointer
-from .loop import History, mean_metrics, run_loop
+from .chunks import mean_metrics
+from .loop import History, run_loop
 
 
 def train_loop(
