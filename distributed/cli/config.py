@@ -144,7 +144,9 @@ class TrainConfig:
     lr_reduction: float = _f(0.5, "Learning-rate factor applied on each rollback.",
                              "reliability")
     watchdog_s: float = _f(0.0, "Abort (thread dump, exit 3) if a step/fetch/save stalls this "
-                           "many seconds (0: off).", "reliability")
+                           "many seconds (0: off). With data on the devices a step is a "
+                           "dispatch of up to --log_every steps (at most 128): allow for it.",
+                           "reliability")
     # -- output
     log_every: int = _f(25, "Log metrics every N steps.", "output")
     progress: str = _f("auto", f"Progress display: one of {PROGRESS} (auto: bar on a "
