@@ -136,8 +136,11 @@ def test_profile_mlflow_tensorboard_and_the_resume_line(tmp_path):
     assert run.info.status == "FINISHED" and run.data.params["seed"] == "0"
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 4  # 1,4,8,12
     assert run.data.metrics["summary/final_step"] == 12
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"model.eqx",
-                                                                      "summary.json"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
+        "model.eqx", "summary.json", "report"}
+    pngs = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+    assert {"report/loss.png", "report/optimizer.png", "report/report.txt"} <= pngs, pngs
+    assert not (wd / "report").exists()  # rendered aside: the workdir holds what it held
     p = run_cli(f"--workdir={wd}", *FAST, "--max_steps=16", "--tensorboard",
                 f"--mlflow_uri={store}", "--checkpoint_every=8")
     assert p.returncode == 0, p.stderr[-3000:]

@@ -3,9 +3,11 @@ MLflow), ``summary.json`` and the exported ``model.eqx``."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,8 @@ from ..core.clock import EpochClock
 from ..core.ensemble import member, member_key
 from ..loop.writers import JsonlWriter, MLflowWriter, MultiWriter, TensorBoardWriter
 from .config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 class RunWriter:
@@ -47,12 +51,28 @@ class RunWriter:
             rec["lr"] = lrs[0]
         self.writer.write(step, rec)
 
-    def finish(self, summary: dict, artifacts: Sequence[Path]) -> None:
-        if self.mlflow is not None:
-            self.mlflow.log_summary(summary)
-            for path in artifacts:
-                if path.exists():
-                    self.mlflow.log_artifact(path)
+    def finish(self, summary: dict, artifacts: Sequence[Path], workdir: Path) -> None:
+        """The MLflow run's summary and artifacts: ``artifacts``, and the report's PNGs and
+        text under ``report/`` (rendered from ``workdir``'s records into a temporary folder;
+        skipped with a log line when matplotlib, the ``[report]`` extra, is missing)."""
+        if self.mlflow is None:
+            return
+        self.mlflow.log_summary(summary)
+        for path in artifacts:
+            if path.exists():
+                self.mlflow.log_artifact(path)
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            log.info("MLflow: no report PNGs (matplotlib is not installed: pip install "
+                     "'jax-bcd-distributed[report]')")
+            return
+        from .report import write_report
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out = write_report(workdir, Path(tmp) / "report")
+            for path in sorted(out.iterdir()):
+                self.mlflow.log_artifact(path, artifact_path="report")
 
     def close(self, status: str = "FINISHED") -> None:
         for w in self.writer.writers:

@@ -319,7 +319,8 @@ class _Run:
             process_count=jax.process_count(), device_count=jax.device_count(), report=report,
             initial=self.initial, ledger=self.ledger, restored=self.restored)
         write_json(self.wd / "summary.json", {**summary, **(members or {})})
-        self.writer.finish(summary, [self.wd / "model.eqx", self.wd / "summary.json"])
+        self.writer.finish(summary, [self.wd / "model.eqx", self.wd / "summary.json"],
+                           self.wd.path)
         skipped = f" ({summary['nonfinite_skipped']} updates skipped)" \
             if summary["nonfinite_skipped"] else ""
         log.info("done: step %d, train loss %s, val loss %s%s%s", result.final_step,

@@ -196,8 +196,9 @@ class MLflowWriter(_WriterBase):
         self.write(int(summary.get("final_step", 0) or 0), summary,
                    name=lambda k: f"summary/{k}")
 
-    def log_artifact(self, path: str | os.PathLike) -> None:
-        self.client.log_artifact(self.run_id, os.fspath(path))
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Copy the file ``path`` into the run's artifacts (under ``artifact_path``)."""
+        self.client.log_artifact(self.run_id, os.fspath(path), artifact_path=artifact_path)
 
     def close(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:
