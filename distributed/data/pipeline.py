@@ -28,6 +28,7 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -48,12 +49,36 @@ def _cpu() -> jax.Device:
     return jax.local_devices(backend="cpu")[0]
 
 
-@functools.lru_cache(maxsize=4)
-def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+# Epoch orders are drawn a block of epochs per call (one dispatch and one host copy for many
+# small epochs: for 512 examples a call per epoch cost more than the epoch's batches' gathers)
+_BLOCK_ELEMENTS = 1 << 20
+
+
+def _epochs_per_block(n: int) -> int:
+    return max(1, min(64, _BLOCK_ELEMENTS // max(n, 1)))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _permutations(root: jax.Array, first_epoch: jax.Array, count: int, n: int) -> jax.Array:
+    """``(count, n)``: epochs ``first_epoch ..``'s orders, each `jax.random.permutation` of
+    `fold_in(root, epoch)` (= `epoch_key`; vmapped: the same values as one call per epoch)."""
+    epochs = first_epoch + jnp.arange(count)
+    return jax.vmap(lambda e: jax.random.permutation(jax.random.fold_in(root, e), n))(epochs)
+
+
+@functools.lru_cache(maxsize=2)
+def _permutation_block(seed: int, block: int, n: int) -> np.ndarray:
+    count = _epochs_per_block(n)
     with jax.default_device(_cpu()):
-        out = np.asarray(jax.random.permutation(epoch_key(seed, epoch), n)).astype(np.int64)
+        out = np.asarray(_permutations(jax.random.key(seed), block * count, count, n))
+        out = out.astype(np.int64)
     out.flags.writeable = False
     return out
+
+
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    count = _epochs_per_block(n)
+    return _permutation_block(seed, epoch // count, n)[epoch % count]
 
 
 def epoch_key(seed: int, epoch: Any) -> jax.Array:
