@@ -67,10 +67,14 @@ class RunWriter:
             log.info("MLflow: no report PNGs (matplotlib is not installed: pip install "
                      "'jax-bcd-distributed[report]')")
             return
-        from .report import write_report
+        from .report import ReportError, write_report
 
         with tempfile.TemporaryDirectory() as tmp:
-            out = write_report(workdir, Path(tmp) / "report")
+            try:
+                out = write_report(workdir, Path(tmp) / "report")
+            except (ReportError, OSError) as e:  # the run is done: say it, do not fail it
+                log.warning("MLflow: no report PNGs (%s)", e)
+                return
             for path in sorted(out.iterdir()):
                 self.mlflow.log_artifact(path, artifact_path="report")
 
