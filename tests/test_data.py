@@ -442,12 +442,13 @@ def test_two_real_processes_form_the_single_process_global_batch(tmp_path):
 
 @pytest.mark.parametrize("seed,n", [(0, 512), (5, 37), (2**40, 1000), (1, 40_000)])
 def test_epoch_orders_drawn_in_blocks_are_each_epochs_own_permutation(seed, n):
-    """The host draws many epochs' orders per call; each must be jax.random.permutation of its
-    epoch_key, as the devices draw it (also across the blocks' edges)."""
-    from distributed.data.pipeline import epoch_key, epoch_permutation
+    """The host pipeline draws many epochs' orders per call (`epoch_permutation`, for one
+    epoch per seed, draws one); each must be jax.random.permutation of its epoch_key, as the
+    devices draw it (also across the blocks' edges)."""
+    from distributed.data.pipeline import _ahead, epoch_key, epoch_permutation
 
     for epoch in (0, 1, 25, 26, 63, 64, 65, 130):
         want = np.asarray(jax.random.permutation(epoch_key(seed, epoch), n))
-        got = epoch_permutation(seed, epoch, n)
-        assert got.dtype == np.int64 and not got.flags.writeable
-        np.testing.assert_array_equal(got, want)
+        for got in (_ahead(seed, epoch, n), epoch_permutation(seed, epoch, n)):
+            assert got.dtype == np.int64 and not got.flags.writeable
+            np.testing.assert_array_equal(got, want)

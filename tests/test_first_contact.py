@@ -84,6 +84,20 @@ def test_a_runs_config_json_reproduces_it(tmp_path):
         assert not (tmp_path / "f").exists()
 
 
+def test_config_values_convert_only_where_nothing_is_lost():
+    from distributed.cli.config import from_dict
+
+    cfg = from_dict({"batch_size": 64.0, "learning_rate": "1e-3", "l1_rate": 0})
+    assert (cfg.batch_size, cfg.learning_rate, cfg.l1_rate) == (64, 1e-3, 0.0)
+    assert type(cfg.batch_size) is int and type(cfg.l1_rate) is float
+    for bad, needle in (({"batch_size": 64.5}, "batch_size=64.5 must be an int"),
+                        ({"device_data": False}, "quote words such as 'off'"),
+                        ({"tensorboard": "yes"}, "must be a bool"),
+                        ({"learning_rate": "fast"}, "must be a float")):
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            from_dict(bad)
+
+
 def test_own_validation_and_test_files(tmp_path):
     rng = np.random.default_rng(0)
 

@@ -356,8 +356,18 @@ def from_dict(values: dict[str, Any]) -> TrainConfig:
 
 
 def _typed(name: str, value: Any, kind: str) -> Any:
-    """``value`` as field ``name``'s type (``"int"``, ``"float"``, ``"bool"`` or ``"str"``):
-    an int is a valid float; nothing else is converted (``"no"`` is not a bool)."""
+    """``value`` as field ``name``'s type (``"int"``, ``"float"``, ``"bool"`` or ``"str"``).
+
+    Converted: an int to a float, a whole float (``64.0``) to an int, a number written as a
+    string (``"1e-3"``, as YAML 1.1 reads it) to a float. Nothing else: ``"no"`` is not a bool.
+    """
+    if kind == "int" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if kind == "float" and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
     ok = {"bool": isinstance(value, bool),
           "int": isinstance(value, int) and not isinstance(value, bool),
           "float": isinstance(value, (int, float)) and not isinstance(value, bool),
@@ -366,8 +376,10 @@ def _typed(name: str, value: Any, kind: str) -> Any:
         example = {"bool": "true or false", "int": "e.g. 12", "float": "e.g. 0.001",
                    "str": 'e.g. "text"'}[kind]
         article = "an" if kind == "int" else "a"
-        raise ValueError(f"config field {name}={value!r} must be {article} {kind} ({example}), not "
-                         f"{type(value).__name__}.")
+        hint = " (in YAML, quote words such as 'off' or 'no')" \
+            if kind == "str" and isinstance(value, bool) else ""
+        raise ValueError(f"config field {name}={value!r} must be {article} {kind}, {example}, "
+                         f"not {type(value).__name__}{hint}.")
     return float(value) if kind == "float" else value
 
 

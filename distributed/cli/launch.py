@@ -261,6 +261,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if args.processes < 1 or args.devices_per_process < 1:
         p.error("--processes and --devices_per_process must be >= 1")
     if shutil.which(command[0]) is None:
+        if os.path.isfile(command[0]):
+            p.error(f"the command {command[0]!r} is not executable: chmod +x it, or run it "
+                    f"through its interpreter (e.g. -- {sys.executable} {command[0]})")
         p.error(f"the command {command[0]!r} was not found (not an executable file, nor on "
                 f"PATH); give it after '--', e.g. -- {sys.executable} -m distributed.train")
     return args, command

@@ -67,13 +67,13 @@ class RunWriter:
             log.info("MLflow: no report PNGs (matplotlib is not installed: pip install "
                      "'jax-bcd-distributed[report]')")
             return
-        from .report import ReportError, write_report
+        from .report import write_report
 
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 out = write_report(workdir, Path(tmp) / "report")
-            except (ReportError, OSError) as e:  # the run is done: say it, do not fail it
-                log.warning("MLflow: no report PNGs (%s)", e)
+            except Exception as e:  # noqa: BLE001 - the run is done: say it, do not fail it
+                log.warning("MLflow: no report PNGs (%s: %s)", type(e).__name__, e)
                 return
             for path in sorted(out.iterdir()):
                 self.mlflow.log_artifact(path, artifact_path="report")

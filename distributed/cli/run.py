@@ -144,10 +144,14 @@ class _Run:
             return SetupError(f"--batch_size={cfg.batch_size}: {e}")
         return None
 
-    def target_step(self) -> int:
+    def epochs_steps(self) -> int:
+        """The steps of all the plan's epochs."""
         task = self.run_task.task
-        total = EpochClock(task.num_train, self.cfg.batch_size).steps(
+        return EpochClock(task.num_train, self.cfg.batch_size).steps(
             sum(p.epochs for p in task.plan))
+
+    def target_step(self) -> int:
+        total = self.epochs_steps()
         return min(total, self.cfg.max_steps) if self.cfg.max_steps else total
 
     def _complete(self) -> bool:
@@ -163,7 +167,7 @@ class _Run:
             return False
         if done != self.target_step():
             return False
-        if self.cfg.max_steps and self.cfg.max_steps == done:
+        if self.cfg.max_steps and self.cfg.max_steps == done < self.epochs_steps():
             more = "Use a larger --max_steps to train on"
         else:  # it ran out of epochs: more epochs change the run's settings
             more = ("It trained all its epochs: to train on, give more epochs with --force "
@@ -259,7 +263,14 @@ class _Run:
                     f" were trained on (--data={self.cfg.data or '(embedded)'}); use the same "
                     f"data, a new --workdir, or --allow_changed_inputs to resume anyway.")
         if saved.get("config"):
-            check_same_run(from_dict({**self.cfg.to_dict(), **saved["config"]}), self.cfg,
+            try:
+                old = from_dict({**self.cfg.to_dict(), **saved["config"]})
+            except ValueError as e:
+                raise SetupError(f"the settings saved with the checkpoints in "
+                                 f"{self.wd.checkpoints} cannot be read ({e}); use a new "
+                                 f"--workdir, or --allow_changed_inputs to resume them with "
+                                 f"this run's settings.") from None
+            check_same_run(old, self.cfg,
                            f"the checkpoints in {self.wd.checkpoints} were trained with other "
                            f"settings", fix="--allow_changed_inputs to resume them anyway, or "
                            "--restart_from_scratch to discard them")

@@ -51,7 +51,7 @@ def _cpu() -> jax.Device:
 
 # Epoch orders are drawn a block of epochs per call (one dispatch and one host copy for many
 # small epochs: for 512 examples a call per epoch cost more than the epoch's batches' gathers)
-_BLOCK_ELEMENTS = 1 << 20
+_BLOCK_ELEMENTS = 1 << 16  # (a block costs at most a few epochs of large N ahead of time)
 
 
 def _epochs_per_block(n: int) -> int:
@@ -76,9 +76,19 @@ def _permutation_block(seed: int, block: int, n: int) -> np.ndarray:
     return out
 
 
-def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+def _ahead(seed: int, epoch: int, n: int) -> np.ndarray:
+    """Epoch ``epoch``'s order from its block (for a stream that goes on to the next epochs)."""
     count = _epochs_per_block(n)
     return _permutation_block(seed, epoch // count, n)[epoch % count]
+
+
+@functools.lru_cache(maxsize=4)
+def _one(seed: int, epoch: int, n: int) -> np.ndarray:
+    """Epoch ``epoch``'s order alone (for callers that draw one epoch per seed)."""
+    with jax.default_device(_cpu()):
+        out = np.asarray(jax.random.permutation(epoch_key(seed, epoch), n)).astype(np.int64)
+    out.flags.writeable = False
+    return out
 
 
 def epoch_key(seed: int, epoch: Any) -> jax.Array:
@@ -96,7 +106,7 @@ def epoch_permutation(seed: int, epoch: int, n: int, shuffle: bool = True) -> np
     """
     if not shuffle:
         return np.arange(n, dtype=np.int64)
-    return _permutation(_check_seed(seed), int(epoch), int(n))
+    return _one(_check_seed(seed), int(epoch), int(n))
 
 
 class BatchIndices(Sequence):
@@ -125,7 +135,7 @@ class BatchIndices(Sequence):
         start, stop = k * b, (k + 1) * b
         parts = []
         for e in range(start // n, (stop - 1) // n + 1):
-            perm = epoch_permutation(self.seed, e, n, self.shuffle)
+            perm = _ahead(self.seed, e, n) if self.shuffle else np.arange(n, dtype=np.int64)
             parts.append(perm[max(start - e * n, 0):min(stop - e * n, n)])
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 

@@ -225,8 +225,8 @@ class ArrayRecordSource(ArraySource):
 
 
 def _is_zip(path: str) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
+    with open(path, "rb") as f:  # a local file header, or an empty archive's end record
+        return f.read(4) in (b"PK\x03\x04", b"PK\x05\x06")
 
 
 def _load_npz(path: str, **validate_kwargs: Any) -> InMemorySource:
