@@ -316,6 +316,15 @@ def ensemble_run(tmp_path_factory):
     return wd
 
 
+def _assert_member_is_the_single_run(member_summary, workdir, *flags):
+    """A CLI single run with ``flags`` ends with ``member_summary``'s final losses."""
+    proc = run_cli(f"--workdir={workdir}", *MLP, *flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = summary(workdir)
+    assert _close(member_summary["final_train_loss"], one["final_train_loss"])
+    assert _close(member_summary["final_val_loss"], one["final_val_loss"])
+
+
 def test_cli_member_equals_the_init_seed_run(ensemble_run, tmp_path):
     s = summary(ensemble_run)
     assert [m["init_seed"] for m in s["members"]] == [0, 1, 2, 3]
@@ -326,11 +335,7 @@ def test_cli_member_equals_the_init_seed_run(ensemble_run, tmp_path):
         assert {"init_seed", "hyperparameters", "final_train_loss", "final_val_loss",
                 "params_sha256"} <= set(m)
         assert m["hyperparameters"] == {"learning_rate": 1e-3, "weight_decay": 0.0}
-    proc = run_cli(f"--workdir={tmp_path / 'one'}", *MLP, "--init_seed=2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one = summary(tmp_path / "one")
-    assert _close(s["members"][2]["final_train_loss"], one["final_train_loss"])
-    assert _close(s["members"][2]["final_val_loss"], one["final_val_loss"])
+    _assert_member_is_the_single_run(s["members"][2], tmp_path / "one", "--init_seed=2")
 
 
 def test_cli_export_predict_and_report_hold_every_member(ensemble_run, tmp_path):
@@ -360,11 +365,7 @@ def test_cli_sweep_member_equals_the_run_with_that_learning_rate(tmp_path):
     s = summary(tmp_path / "sweep")
     assert [m["init_seed"] for m in s["members"]] == [0, 0]
     assert [m["hyperparameters"]["learning_rate"] for m in s["members"]] == [1e-3, 1e-2]
-    proc = run_cli(f"--workdir={tmp_path / 'one'}", *MLP, "--learning_rate=1e-2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one = summary(tmp_path / "one")
-    assert _close(s["members"][1]["final_train_loss"], one["final_train_loss"])
-    assert _close(s["members"][1]["final_val_loss"], one["final_val_loss"])
+    _assert_member_is_the_single_run(s["members"][1], tmp_path / "one", "--learning_rate=1e-2")
 
 
 def test_cli_ensemble_checkpoint_restores_on_four_devices(ensemble_run, tmp_path):
